@@ -1,0 +1,4 @@
+"""Kubernetes runtime: KServe-shaped manifests and the operator that reconciles them.
+
+Rendering is pure; the operator applies what rendering returns.
+"""

@@ -1,0 +1,65 @@
+"""Helpers for tests that start real llmisvc processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+LLMISVC = [sys.executable, "-m", "llmisvc.cli.main"]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200; raise if `process` exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            last_error = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s: {last_error}")
+
+
+def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `llmisvc ARGS` in its own process group with output in `log_path`."""
+    log = open(log_path, "wb")
+    return subprocess.Popen(
+        LLMISVC + args,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Terminate a process group started by `start`, killing it if it does not exit."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
