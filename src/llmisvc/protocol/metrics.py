@@ -16,16 +16,17 @@ REQUEST_QUEUE_TIME = "vllm:request_queue_time_seconds"
 # Counters above are exposed with the Prometheus `_total` suffix
 # (prometheus_client appends it), e.g. `vllm:prefix_cache_hits_total`.
 
-# KV-block transfer between prefill and decode engines (engine side). llmisvc's own names:
-# vLLM's NixlConnector statistics have no stable Prometheus spelling to follow.
-KV_TRANSFER_BYTES = "llmisvc:kv_transfer_bytes"
-KV_TRANSFER_BLOCKS = "llmisvc:kv_transfer_blocks"
-KV_TRANSFER_DURATION = "llmisvc:kv_transfer_duration_seconds"
-KV_TRANSFER_FAILURES = "llmisvc:kv_transfer_failures"
-KV_TRANSFER_HELD_BLOCKS = "llmisvc:kv_transfer_held_blocks"
-KV_TRANSFER_LEASE_EXPIRED = "llmisvc:kv_transfer_lease_expired"
+# KV-block transfer between prefill and decode engines (engine side). These are llmisvc's
+# own names with the gateway's `llmisvc_` prefix, because vLLM's NixlConnector statistics
+# have no stable Prometheus spelling to follow.
+KV_TRANSFER_BYTES = "llmisvc_kv_transfer_bytes"
+KV_TRANSFER_BLOCKS = "llmisvc_kv_transfer_blocks"
+KV_TRANSFER_DURATION = "llmisvc_kv_transfer_duration_seconds"
+KV_TRANSFER_FAILURES = "llmisvc_kv_transfer_failures"
+KV_TRANSFER_HELD_BLOCKS = "llmisvc_kv_transfer_held_blocks"
+KV_TRANSFER_LEASE_EXPIRED = "llmisvc_kv_transfer_lease_expired"
 
 # Prefill/decode orchestration (gateway and sidecar side).
-PD_DECISIONS = "llmisvc:pd_decisions"
-PD_FALLBACKS = "llmisvc:pd_fallbacks"
-PD_PREFILL_DURATION = "llmisvc:pd_prefill_duration_seconds"
+PD_DECISIONS = "llmisvc_pd_decisions"
+PD_FALLBACKS = "llmisvc_pd_fallbacks"
+PD_PREFILL_DURATION = "llmisvc_pd_prefill_duration_seconds"
