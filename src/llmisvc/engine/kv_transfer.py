@@ -57,11 +57,11 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from llmisvc.protocol import metrics as metric_names
-from llmisvc.protocol.kv_transfer import KVTransferParams
+from llmisvc.protocol.kv_transfer import SIDE_CHANNEL_FRAME_HEADER, KVTransferParams, encode_side_channel_frame
 
 logger = logging.getLogger(__name__)
 
-_FRAME_HEADER = struct.Struct(">I")
+_FRAME_HEADER = struct.Struct(SIDE_CHANNEL_FRAME_HEADER)
 # Side-channel messages are small maps; a larger frame means a peer that does not speak
 # this protocol, so the connection is dropped instead of allocating the claimed size.
 _MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -174,8 +174,7 @@ class TransferConfig:
 
 def send_frame(sock: socket.socket, message: dict[str, Any]) -> None:
     """Send one length-prefixed msgpack frame."""
-    payload = msgpack.packb(message, use_bin_type=True)
-    sock.sendall(_FRAME_HEADER.pack(len(payload)) + payload)
+    sock.sendall(encode_side_channel_frame(message))
 
 
 def recv_exact(sock: socket.socket, buffer: memoryview) -> None:

@@ -6,8 +6,11 @@ length cap answers with the remote_* fields below; the decode leg sends those ba
 
 from __future__ import annotations
 
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import msgpack
 
 
 @dataclass
@@ -38,3 +41,16 @@ class KVTransferParams:
         extra = data.pop("extra")
         data.update(extra)
         return data
+
+
+# The KV side channel (served by each engine on `remote_port`) carries frames of a 4-byte
+# big-endian payload length followed by a msgpack map. Engines speak it to each other; the
+# gateway and the sidecar only send `{"op": "free", "request_id": ...}` to release a prefill
+# engine's held blocks early when a request ends between its two legs.
+SIDE_CHANNEL_FRAME_HEADER = ">I"
+
+
+def encode_side_channel_frame(message: dict[str, Any]) -> bytes:
+    """Return one side-channel frame (length prefix and msgpack payload) for `message`."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    return struct.pack(SIDE_CHANNEL_FRAME_HEADER, len(payload)) + payload
