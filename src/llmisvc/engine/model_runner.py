@@ -1,0 +1,287 @@
+"""ModelRunner: weights, tokenizer and KV storage behind one `execute()` call per engine step.
+
+The engine core decides what runs (which sequences, which chunk of each prompt, which block
+ids); the runner turns that into one batched forward pass and returns next-token logits.
+Block ids belong to the core: block `i` of a sequence's `block_table` holds the K/V of
+positions `[i * block_size, (i + 1) * block_size)`. Blocks covering positions before a new
+sequence's `start_pos` are treated as already computed (prefix-cache hits or imported KV).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from llmisvc.engine.kv_cache import KVCache, KVLayout
+from llmisvc.engine.loader import load_model, parse_dtype
+from llmisvc.engine.models.llama import AttentionBatch, LlamaModel, PrefillSegment
+
+logger = logging.getLogger(__name__)
+
+# Default KV pool budget when neither num_blocks nor kv_cache_memory is given: this
+# fraction of physical memory on CPU (capped), or of free device memory on CUDA.
+DEFAULT_CPU_KV_FRACTION = 0.1
+DEFAULT_CPU_KV_CAP_BYTES = 4 << 30
+DEFAULT_CUDA_KV_FRACTION = 0.5
+
+
+@dataclass
+class StepInput:
+    """One sequence's share of an engine step.
+
+    `token_ids` are the tokens to compute now, at positions `start_pos ..`; `block_table`
+    lists the sequence's block ids covering at least `start_pos + len(token_ids)` positions.
+    """
+
+    seq_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _SequenceState:
+    slot: int
+    num_computed: int
+    block_table: list[int]
+    num_stored_blocks: int
+
+
+class ModelRunner:
+    """Load a model and run batched forward steps over the engine core's sequences.
+
+    Args:
+        model_uri: see `engine.loader` for accepted forms.
+        dtype: "bfloat16" (default), "float32", "float16" or "auto".
+        device: "cpu", "cuda", "cuda:N" or a `torch.device`.
+        block_size: tokens per KV block.
+        num_blocks: KV pool size in blocks; None sizes it from `kv_cache_memory`.
+        max_model_len: context length cap in tokens; None uses the model's.
+        threads: torch intra-op threads; None keeps torch's default.
+        kv_cache_memory: KV pool budget in bytes when `num_blocks` is None. The default is
+            10% of physical memory capped at 4 GiB on CPU, and half the free device memory
+            after loading weights on CUDA. The per-sequence working slots are extra: about
+            `running sequences x longest length x bytes per token`.
+
+    Raises `ModelLoadError` subclasses when the model cannot be loaded.
+    """
+
+    def __init__(
+        self,
+        model_uri: str,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "cpu",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_model_len: int | None = None,
+        threads: int | None = None,
+        kv_cache_memory: int | None = None,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype)
+        loaded = load_model(model_uri, self.dtype)
+        self.model_path = loaded.path
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model = LlamaModel(loaded.config, loaded.weights, self.dtype, self.device)
+
+        self.max_model_len = min(max_model_len or self.config.max_model_len, self.config.max_model_len)
+        self.config.max_model_len = self.max_model_len
+        self.block_size = block_size
+        layout = KVLayout(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim)
+        self.num_blocks = num_blocks or self._default_num_blocks(layout, kv_cache_memory)
+        self.kv = KVCache(layout, block_size, self.num_blocks, self.dtype, self.device)
+        self._sequences: dict[str, _SequenceState] = {}
+        logger.info(
+            "model runner ready: %s (%s) dtype=%s device=%s blocks=%d x %d tokens, max_model_len=%d, threads=%d",
+            model_uri,
+            self.model_path,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            self.num_blocks,
+            block_size,
+            self.max_model_len,
+            torch.get_num_threads(),
+        )
+
+    def _default_num_blocks(self, layout: KVLayout, budget: int | None) -> int:
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(self.device)
+                budget = int(free * DEFAULT_CUDA_KV_FRACTION)
+            else:
+                physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                budget = min(int(physical * DEFAULT_CPU_KV_FRACTION), DEFAULT_CPU_KV_CAP_BYTES)
+        block_bytes = layout.bytes_per_token(self.dtype) * self.block_size
+        num_blocks = budget // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"KV cache memory {budget} bytes is smaller than one block ({block_bytes} bytes)")
+        return int(num_blocks)
+
+    # -- stepping -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, inputs: list[StepInput]) -> torch.Tensor:
+        """Run one forward step and return float32 logits `[len(inputs), vocab]` on the CPU.
+
+        Row `i` holds the next-token logits after the last token of `inputs[i]`. Each
+        sequence appears at most once. Raises `ValueError` for an empty entry, a `start_pos`
+        beyond what the sequence has computed, a length over `max_model_len`, or a block
+        table too short for the positions.
+        """
+        if not inputs:
+            raise ValueError("execute() needs at least one StepInput")
+        states = [self._prepare(entry) for entry in inputs]
+
+        # Single-token entries go first as one padded decode batch, ordered by slot so that
+        # consecutive slots become one view of the working buffer.
+        decode_order = sorted(
+            (i for i, entry in enumerate(inputs) if len(entry.token_ids) == 1), key=lambda i: states[i].slot
+        )
+        prefill_order = [i for i, entry in enumerate(inputs) if len(entry.token_ids) > 1]
+        prefill_set = set(prefill_order)
+        order = decode_order + prefill_order
+
+        token_ids: list[int] = []
+        positions: list[int] = []
+        logit_rows = [0] * len(inputs)
+        prefills: list[PrefillSegment] = []
+        for i in order:
+            entry = inputs[i]
+            row = len(token_ids)
+            token_ids.extend(entry.token_ids)
+            positions.extend(range(entry.start_pos, entry.start_pos + len(entry.token_ids)))
+            logit_rows[i] = len(token_ids) - 1
+            if i in prefill_set:
+                prefills.append(self._prefill_segment(row, entry, states[i].slot))
+
+        batch = self._attention_batch(decode_order, inputs, states, prefills)
+        device = self.device
+        logits = self.model.forward(
+            torch.tensor(token_ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            batch,
+            self.kv,
+            torch.tensor(logit_rows, dtype=torch.long, device=device),
+        )
+
+        for entry, state in zip(inputs, states):
+            self._finish_step(entry, state)
+        return logits.cpu() if logits.device.type != "cpu" else logits
+
+    def _prepare(self, entry: StepInput) -> _SequenceState:
+        """Validate one entry, admitting its sequence (and loading its cached prefix) if new."""
+        count = len(entry.token_ids)
+        end = entry.start_pos + count
+        if count == 0:
+            raise ValueError(f"sequence {entry.seq_id!r}: empty token_ids")
+        if end > self.max_model_len:
+            raise ValueError(f"sequence {entry.seq_id!r}: {end} tokens exceed max_model_len {self.max_model_len}")
+        if len(entry.block_table) * self.block_size < end:
+            raise ValueError(
+                f"sequence {entry.seq_id!r}: block table of {len(entry.block_table)} blocks cannot hold {end} positions"
+            )
+
+        state = self._sequences.get(entry.seq_id)
+        if state is None:
+            slot = self.kv.add_sequence(entry.seq_id)
+            state = _SequenceState(slot, 0, list(entry.block_table), entry.start_pos // self.block_size)
+            self._sequences[entry.seq_id] = state
+            self.kv.load_prefix(slot, entry.block_table, entry.start_pos)
+            state.num_computed = entry.start_pos
+        elif entry.start_pos > state.num_computed:
+            raise ValueError(
+                f"sequence {entry.seq_id!r}: start_pos {entry.start_pos} skips past {state.num_computed} computed tokens"
+            )
+        else:
+            # start_pos below num_computed rewinds: later positions are recomputed.
+            state.num_computed = entry.start_pos
+            state.num_stored_blocks = min(state.num_stored_blocks, entry.start_pos // self.block_size)
+        state.block_table = list(entry.block_table)
+        self.kv.ensure_capacity(end)
+        state.slot = self.kv.slot(entry.seq_id)
+        return state
+
+    def _prefill_segment(self, row: int, entry: StepInput, slot: int) -> PrefillSegment:
+        length = len(entry.token_ids)
+        end = entry.start_pos + length
+        query_pos = torch.arange(entry.start_pos, end, device=self.device).unsqueeze(1)
+        key_pos = torch.arange(end, device=self.device).unsqueeze(0)
+        mask = torch.zeros((length, end), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(key_pos > query_pos, float("-inf"))
+        return PrefillSegment(row, length, slot, entry.start_pos, mask)
+
+    def _attention_batch(
+        self,
+        decode_order: list[int],
+        inputs: list[StepInput],
+        states: list[_SequenceState],
+        prefills: list[PrefillSegment],
+    ) -> AttentionBatch:
+        if not decode_order:
+            return AttentionBatch(0, None, None, None, 0, None, prefills)
+        device = self.device
+        slots = [states[i].slot for i in decode_order]
+        lengths = [inputs[i].start_pos + 1 for i in decode_order]
+        decode_len = max(lengths)
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        valid = torch.arange(decode_len, device=device).unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)
+        mask = torch.zeros((len(slots), decode_len), dtype=self.dtype, device=device)
+        mask.masked_fill_(~valid, float("-inf"))
+        return AttentionBatch(
+            num_decode=len(slots),
+            decode_slots=torch.tensor(slots, dtype=torch.long, device=device),
+            decode_positions=torch.tensor([length - 1 for length in lengths], dtype=torch.long, device=device),
+            decode_slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
+            decode_len=decode_len,
+            decode_mask=mask.view(len(slots), 1, 1, decode_len),
+            prefills=prefills,
+        )
+
+    def _finish_step(self, entry: StepInput, state: _SequenceState) -> None:
+        """Advance the sequence and copy each newly filled block to the pool."""
+        state.num_computed = entry.start_pos + len(entry.token_ids)
+        self.kv.set_length(state.slot, state.num_computed)
+        full_blocks = state.num_computed // self.block_size
+        for block_index in range(state.num_stored_blocks, full_blocks):
+            self.kv.store_block(state.slot, block_index, state.block_table[block_index])
+        state.num_stored_blocks = max(state.num_stored_blocks, full_blocks)
+
+    # -- sequence lifecycle and transfer --------------------------------------------------
+
+    def free_sequence(self, seq_id: str) -> None:
+        """Release a finished or preempted sequence's working slot.
+
+        Its partial last block is first copied to the pool, so blocks the core keeps (a
+        finished prefill waiting for KV transfer) hold every computed position. Unknown ids
+        are ignored, because the core frees requests that never reached a step.
+        """
+        state = self._sequences.pop(seq_id, None)
+        if state is None:
+            return
+        slot = self.kv.slot(seq_id)
+        tail = state.num_computed - state.num_stored_blocks * self.block_size
+        if tail > 0 and state.num_stored_blocks < len(state.block_table):
+            self.kv.store_block(slot, state.num_stored_blocks, state.block_table[state.num_stored_blocks], tail)
+        self.kv.remove_sequence(seq_id)
+        # Removing a slot moves the last sequence into it; refresh the cached slot indices.
+        for other_id, other in self._sequences.items():
+            other.slot = self.kv.slot(other_id)
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Return a CPU copy of pool blocks, `[n, layers, 2, block_size, kv_heads, head_dim]`."""
+        return self.kv.export_blocks(block_ids).cpu()
+
+    def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        """Write blocks received by KV transfer into the pool (the layout `export_blocks` returns)."""
+        self.kv.import_blocks(block_ids, blocks)
+
+    @property
+    def num_running(self) -> int:
+        """Number of sequences holding a working slot."""
+        return len(self._sequences)
