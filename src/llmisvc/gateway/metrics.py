@@ -1,0 +1,152 @@
+"""Prometheus metrics of the gateway, in one registry owned by the gateway object.
+
+Metric families (label `model` is the served model name):
+
+- `llmisvc_gateway_requests_total{model, code}`: finished requests by HTTP status.
+- `llmisvc_gateway_time_to_first_token_seconds{model}`: request receipt to the first SSE
+  event relayed to the client.
+- `llmisvc_gateway_inter_token_latency_seconds{model}`: gap between consecutive SSE events
+  relayed (a chunk carrying n events contributes n observations of gap / n).
+- `llmisvc_gateway_e2e_request_latency_seconds{model}`: request receipt to the last byte.
+- `llmisvc_gateway_requests_in_flight{model}`, `llmisvc_gateway_requests_queued{model}`.
+- `llmisvc_gateway_retries_total{model}`, `llmisvc_gateway_cancellations_total{model}`.
+- `llmisvc_gateway_upstream_errors_total{model, endpoint, kind}`: kind is `connect`,
+  `status_5xx`, `closed` or `timeout`.
+- `llmisvc_gateway_prompt_tokens_total{model}`, `llmisvc_gateway_generation_tokens_total{model}`:
+  from the `usage` object of responses that carry one.
+- `llmisvc_gateway_endpoint_picks_total{model, endpoint}`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Bucket bounds follow vLLM's latency histograms so dashboards can compare the two sides.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+
+
+class GatewayMetrics:
+    """The gateway's metric families and a per-model cache of bound label children."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("llmisvc_gateway_requests", "Finished requests by status code", ["model", "code"], registry=r)
+        self.ttft = Histogram(
+            "llmisvc_gateway_time_to_first_token_seconds",
+            "Time from request receipt to the first streamed event relayed",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "llmisvc_gateway_inter_token_latency_seconds",
+            "Gap between consecutive streamed events relayed",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "llmisvc_gateway_e2e_request_latency_seconds",
+            "Time from request receipt to the last response byte",
+            ["model"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("llmisvc_gateway_requests_in_flight", "Requests admitted and not finished", ["model"], registry=r)
+        self.queued = Gauge("llmisvc_gateway_requests_queued", "Requests waiting for admission", ["model"], registry=r)
+        self.retries = Counter("llmisvc_gateway_retries", "Requests sent to another endpoint after a failure", ["model"], registry=r)
+        self.cancellations = Counter(
+            "llmisvc_gateway_cancellations", "Requests whose client disconnected before the response ended", ["model"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "llmisvc_gateway_upstream_errors", "Failed upstream calls by endpoint and kind", ["model", "endpoint", "kind"], registry=r
+        )
+        self.prompt_tokens = Counter("llmisvc_gateway_prompt_tokens", "Prompt tokens reported in usage", ["model"], registry=r)
+        self.generation_tokens = Counter(
+            "llmisvc_gateway_generation_tokens", "Completion tokens reported in usage", ["model"], registry=r
+        )
+        self.picks = Counter("llmisvc_gateway_endpoint_picks", "Requests sent to each endpoint", ["model", "endpoint"], registry=r)
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> "ModelMetrics":
+        """Return the bound children for model `name`, creating them on first use."""
+        bound = self._models.get(name)
+        if bound is None:
+            bound = ModelMetrics(self, name)
+            self._models[name] = bound
+        return bound
+
+    def register(self, collector: object) -> None:
+        """Expose another component's collector (the scheduler's) on the gateway's /metrics."""
+        self.registry.register(collector)  # type: ignore[arg-type]
+
+    def render(self) -> bytes:
+        """Return the Prometheus text exposition of every registered metric."""
+        return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """Label children bound to one model, so the hot path skips label lookups."""
+
+    __slots__ = (
+        "_parent",
+        "model",
+        "_codes",
+        "ttft",
+        "itl",
+        "e2e",
+        "in_flight",
+        "queued",
+        "retries",
+        "cancellations",
+        "prompt_tokens",
+        "generation_tokens",
+        "_picks",
+    )
+
+    def __init__(self, parent: GatewayMetrics, model: str):
+        self._parent = parent
+        self.model = model
+        self._codes: dict[int, object] = {}
+        self.ttft = parent.ttft.labels(model)
+        self.itl = parent.itl.labels(model)
+        self.e2e = parent.e2e.labels(model)
+        self.in_flight = parent.in_flight.labels(model)
+        self.queued = parent.queued.labels(model)
+        self.retries = parent.retries.labels(model)
+        self.cancellations = parent.cancellations.labels(model)
+        self.prompt_tokens = parent.prompt_tokens.labels(model)
+        self.generation_tokens = parent.generation_tokens.labels(model)
+        self._picks: dict[str, object] = {}
+
+    def count_request(self, status: int) -> None:
+        """Count one finished request with HTTP status `status`."""
+        child = self._codes.get(status)
+        if child is None:
+            child = self._parent.requests.labels(self.model, str(status))
+            self._codes[status] = child
+        child.inc()
+
+    def count_pick(self, endpoint: str) -> None:
+        """Count one request sent to `endpoint`."""
+        child = self._picks.get(endpoint)
+        if child is None:
+            child = self._parent.picks.labels(self.model, endpoint)
+            self._picks[endpoint] = child
+        child.inc()
+
+    def count_upstream_error(self, endpoint: str, kind: str) -> None:
+        """Count one failed upstream call."""
+        self._parent.upstream_errors.labels(self.model, endpoint, kind).inc()
+
+    def count_usage(self, usage: dict) -> None:
+        """Add the token counts of an OpenAI `usage` object."""
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if isinstance(prompt, int) and prompt >= 0:
+            self.prompt_tokens.inc(prompt)
+        if isinstance(completion, int) and completion >= 0:
+            self.generation_tokens.inc(completion)

@@ -1,0 +1,304 @@
+"""The gateway's service table: services, their endpoints, and how endpoints are picked.
+
+A service entry (the admin API's JSON and the `--config` file's items) is:
+
+    {"model": str, "shape": "scheduler" | "no-scheduler" | "pd", "scheduler_config": dict | null,
+     "criticality": "Critical" | "Standard" | "Sheddable", "engine_api_key": str | null,
+     "endpoints": [{"address": "host:port", "role": "both" | "decode" | "prefill",
+                    "ready": bool, "labels": {str: str}}],
+     "max_concurrency": int, "max_queue": int, "queue_timeout": float}
+
+The last three are optional and default to the gateway's command-line values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from llmisvc.protocol.errors import BadRequestError
+
+from .admission import Admission, LEVEL_NAMES, parse_criticality
+from .metrics import GatewayMetrics, ModelMetrics
+from .upstream import EndpointPool
+
+logger = logging.getLogger(__name__)
+
+SHAPES = ("scheduler", "no-scheduler", "pd")
+ROLES = ("both", "decode", "prefill")
+
+
+@dataclass
+class Limits:
+    """Gateway-wide defaults for a service's admission settings."""
+
+    max_concurrency: int = 0
+    max_queue: int = 1024
+    queue_timeout: float = 30.0
+
+
+class Endpoint:
+    """One engine replica as the gateway sees it.
+
+    `ready` comes from the controller; `healthy` is the gateway's own view (cleared when a
+    connection fails or a stream dies, set again by a passing health probe); `draining`
+    marks an endpoint removed from its service that still has requests in flight.
+    """
+
+    __slots__ = ("address", "role", "labels", "ready", "healthy", "draining", "in_flight", "pool")
+
+    def __init__(self, address: str, role: str, labels: dict[str, str], ready: bool, pool: EndpointPool):
+        self.address = address
+        self.role = role
+        self.labels = labels
+        self.ready = ready
+        self.healthy = True
+        self.draining = False
+        self.in_flight = 0
+        self.pool = pool
+
+    @property
+    def eligible(self) -> bool:
+        """Whether new requests may be sent here."""
+        return self.ready and self.healthy and not self.draining
+
+    def describe(self) -> dict[str, Any]:
+        """Return the admin API view of this endpoint."""
+        return {
+            "address": self.address,
+            "role": self.role,
+            "labels": self.labels,
+            "ready": self.ready,
+            "healthy": self.healthy,
+            "draining": self.draining,
+            "in_flight": self.in_flight,
+        }
+
+
+class Service:
+    """Routing state of one LLMInferenceService: its endpoints, admission and picker."""
+
+    def __init__(self, namespace: str, name: str, metrics: GatewayMetrics):
+        self.namespace = namespace
+        self.name = name
+        self.model = ""
+        self.shape = "scheduler"
+        self.scheduler_config: dict | None = None
+        self.criticality = 1
+        self.engine_api_key: str | None = None
+        self.engine_authorization: bytes | None = None
+        self.endpoints: dict[str, Endpoint] = {}
+        self.admission = Admission()
+        self.metrics: ModelMetrics | None = None
+        self._gateway_metrics = metrics
+        self._next = 0
+        self.in_flight = 0
+
+    def pick(self, exclude: tuple[Endpoint, ...] = (), role: str | None = None) -> Endpoint | None:
+        """Return the next eligible endpoint in round-robin order, skipping `exclude`.
+
+        `role` restricts the choice to endpoints of that role (`both` serves every role).
+        Returns None when no endpoint qualifies.
+        """
+        candidates = [
+            e
+            for e in self.endpoints.values()
+            if e.eligible and e not in exclude and (role is None or e.role == role or e.role == "both")
+        ]
+        if not candidates:
+            return None
+        self._next += 1
+        return candidates[self._next % len(candidates)]
+
+    def has_alternative(self, exclude: tuple[Endpoint, ...], role: str | None = None) -> bool:
+        """Return whether an eligible endpoint outside `exclude` exists."""
+        for e in self.endpoints.values():
+            if e.eligible and e not in exclude and (role is None or e.role == role or e.role == "both"):
+                return True
+        return False
+
+    def ready_count(self) -> int:
+        """Return the number of endpoints new requests may be sent to."""
+        return sum(1 for e in self.endpoints.values() if e.eligible)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the admin API view of this service (the engine API key is never shown)."""
+        return {
+            "namespace": self.namespace,
+            "name": self.name,
+            "model": self.model,
+            "shape": self.shape,
+            "criticality": LEVEL_NAMES[self.criticality],
+            "engine_api_key_set": self.engine_api_key is not None,
+            "in_flight": self.in_flight,
+            "queued": self.admission.queued,
+            "max_concurrency": self.admission.max_concurrency,
+            "endpoints": [e.describe() for e in self.endpoints.values()],
+        }
+
+
+class ServiceTable:
+    """Every service the gateway routes, by (namespace, name) and by model name."""
+
+    def __init__(self, metrics: GatewayMetrics, limits: Limits, loop: asyncio.AbstractEventLoop, connect_timeout: float):
+        self._metrics = metrics
+        self._limits = limits
+        self._loop = loop
+        self._connect_timeout = connect_timeout
+        self.by_key: dict[tuple[str, str], Service] = {}
+        self.by_model: dict[str, Service] = {}
+
+    def put(self, namespace: str, name: str, entry: Any) -> Service:
+        """Create or replace a service from its entry; raise BadRequestError naming the bad field.
+
+        Endpoints absent from the new entry are drained: they take no new requests and are
+        forgotten once their in-flight count reaches 0.
+        """
+        spec = _validate_entry(entry)
+        service = self.by_key.get((namespace, name))
+        if service is None:
+            service = Service(namespace, name, self._metrics)
+            self.by_key[(namespace, name)] = service
+        elif service.model != spec["model"] and self.by_model.get(service.model) is service:
+            del self.by_model[service.model]
+
+        service.model = spec["model"]
+        service.shape = spec["shape"]
+        service.scheduler_config = spec["scheduler_config"]
+        service.criticality = spec["criticality"]
+        service.engine_api_key = spec["engine_api_key"]
+        service.engine_authorization = (
+            b"Bearer " + spec["engine_api_key"].encode() if spec["engine_api_key"] else None
+        )
+        service.metrics = self._metrics.model(service.model)
+        service.admission.configure(
+            spec.get("max_concurrency", self._limits.max_concurrency),
+            spec.get("max_queue", self._limits.max_queue),
+            spec.get("queue_timeout", self._limits.queue_timeout),
+        )
+        owner = self.by_model.get(service.model)
+        if owner is not None and owner is not service:
+            logger.warning(
+                "model %s is served by %s/%s and %s/%s; /v1 requests now go to %s/%s",
+                service.model, owner.namespace, owner.name, namespace, name, namespace, name,
+            )
+        self.by_model[service.model] = service
+        self._update_endpoints(service, spec["endpoints"])
+        logger.info(
+            "service %s/%s set: model %s, shape %s, %d endpoints (%d ready)",
+            namespace, name, service.model, service.shape, len(spec["endpoints"]), service.ready_count(),
+        )
+        return service
+
+    def delete(self, namespace: str, name: str) -> Service | None:
+        """Remove a service; its endpoints drain. Return the removed service or None."""
+        service = self.by_key.pop((namespace, name), None)
+        if service is None:
+            return None
+        if self.by_model.get(service.model) is service:
+            del self.by_model[service.model]
+        for endpoint in service.endpoints.values():
+            endpoint.draining = True
+            self.forget_if_idle(service, endpoint)
+        logger.info("service %s/%s deleted", namespace, name)
+        return service
+
+    def forget_if_idle(self, service: Service, endpoint: Endpoint) -> None:
+        """Close a draining endpoint's connections once nothing is in flight on it."""
+        if endpoint.draining and endpoint.in_flight == 0:
+            if service.endpoints.get(endpoint.address) is endpoint:
+                del service.endpoints[endpoint.address]
+            endpoint.pool.close()
+
+    def _update_endpoints(self, service: Service, items: list[dict]) -> None:
+        seen = set()
+        for item in items:
+            address = item["address"]
+            seen.add(address)
+            endpoint = service.endpoints.get(address)
+            if endpoint is None:
+                pool = EndpointPool(address, self._loop, connect_timeout=self._connect_timeout)
+                endpoint = Endpoint(address, item["role"], item["labels"], item["ready"], pool)
+                service.endpoints[address] = endpoint
+            else:
+                endpoint.role = item["role"]
+                endpoint.labels = item["labels"]
+                endpoint.ready = item["ready"]
+                endpoint.draining = False
+        for address, endpoint in list(service.endpoints.items()):
+            if address not in seen and not endpoint.draining:
+                endpoint.draining = True
+                logger.info("endpoint %s of %s/%s draining", address, service.namespace, service.name)
+                self.forget_if_idle(service, endpoint)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Return the admin API view of every service."""
+        return [service.describe() for service in self.by_key.values()]
+
+
+def _validate_entry(entry: Any) -> dict[str, Any]:
+    """Check a service entry and return it normalised; raise BadRequestError naming the field."""
+    if not isinstance(entry, dict):
+        raise BadRequestError("service entry must be a JSON object", param="body")
+    known = {
+        "model", "shape", "scheduler_config", "criticality", "engine_api_key", "endpoints",
+        "max_concurrency", "max_queue", "queue_timeout", "namespace", "name",
+    }
+    for key in entry:
+        if key not in known:
+            raise BadRequestError(f"{key}: unknown field; known fields are {', '.join(sorted(known))}", param=key)
+    model = entry.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequestError("model: must be a non-empty string", param="model")
+    shape = entry.get("shape", "scheduler")
+    if shape not in SHAPES:
+        raise BadRequestError(f"shape: must be one of {', '.join(SHAPES)}, got {shape!r}", param="shape")
+    scheduler_config = entry.get("scheduler_config")
+    if scheduler_config is not None and not isinstance(scheduler_config, dict):
+        raise BadRequestError("scheduler_config: must be an object or null", param="scheduler_config")
+    criticality = parse_criticality(entry.get("criticality") or "Standard")
+    key = entry.get("engine_api_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise BadRequestError("engine_api_key: must be a non-empty string or null", param="engine_api_key")
+    spec: dict[str, Any] = {
+        "model": model,
+        "shape": shape,
+        "scheduler_config": scheduler_config,
+        "criticality": criticality,
+        "engine_api_key": key,
+        "endpoints": _validate_endpoints(entry.get("endpoints", [])),
+    }
+    for field, kind in (("max_concurrency", int), ("max_queue", int), ("queue_timeout", (int, float))):
+        if field in entry:
+            value = entry[field]
+            if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+                raise BadRequestError(f"{field}: must be a number >= 0, got {value!r}", param=field)
+            spec[field] = value
+    return spec
+
+
+def _validate_endpoints(items: Any) -> list[dict]:
+    if not isinstance(items, list):
+        raise BadRequestError("endpoints: must be a list", param="endpoints")
+    result = []
+    for index, item in enumerate(items):
+        path = f"endpoints[{index}]"
+        if not isinstance(item, dict):
+            raise BadRequestError(f"{path}: must be an object", param=path)
+        address = item.get("address")
+        host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadRequestError(f"{path}.address: must be host:port, got {address!r}", param=f"{path}.address")
+        role = item.get("role", "both")
+        if role not in ROLES:
+            raise BadRequestError(f"{path}.role: must be one of {', '.join(ROLES)}, got {role!r}", param=f"{path}.role")
+        ready = item.get("ready", True)
+        if not isinstance(ready, bool):
+            raise BadRequestError(f"{path}.ready: must be true or false", param=f"{path}.ready")
+        labels = item.get("labels") or {}
+        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise BadRequestError(f"{path}.labels: must map strings to strings", param=f"{path}.labels")
+        result.append({"address": address, "role": role, "ready": ready, "labels": {"llm-d.ai/role": role, **labels}})
+    return result
