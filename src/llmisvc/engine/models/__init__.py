@@ -1,0 +1,1 @@
+"""Model architectures: forward passes written against the engine's KV cache."""
