@@ -1,0 +1,308 @@
+"""Resolution of an LLMInferenceService into the merged, defaulted, rendered desired state.
+
+`resolve` merges the presets chosen by the spec's shape, then the service's `baseRefs` in
+order, then the service's own spec; renders template actions; defaults `model.name`;
+moves a scheduler EndpointPickerConfig passed as container args into `config.inline`; and
+validates the result again, because a merge can produce combinations no single layer had.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shlex
+from dataclasses import dataclass, field
+
+import yaml
+
+from llmisvc.api import presets as preset_data
+from llmisvc.api.errors import FieldError, SpecError
+from llmisvc.api.load import DEFAULT_NAMESPACE, Resource
+from llmisvc.api.merge import merge_layers
+from llmisvc.api.templates import TemplateContext, render_object
+from llmisvc.api.types import CONFIG_KIND, SERVICE_KIND, resource_schema
+from llmisvc.api.validate import validate_document
+
+logger = logging.getLogger(__name__)
+
+STOP_ANNOTATION = "serving.kserve.io/stop"
+MAIN_CONTAINER = "main"
+DEFAULT_CRITICALITY = "Standard"
+
+# `.GlobalConfig` keys available to templates, with the values used when the caller passes
+# none. The images are what the presets put in Kubernetes manifests; locally they are unused.
+DEFAULT_GLOBAL_CONFIG: dict[str, str] = {
+    "EngineImage": "docker.io/vllm/vllm-openai:latest",
+    "SchedulerImage": "ghcr.io/llm-d/llm-d-inference-scheduler:latest",
+    "SidecarImage": "ghcr.io/llm-d/llm-d-routing-sidecar:latest",
+    "GatewayName": "kserve-ingress-gateway",
+    "GatewayNamespace": "kserve",
+}
+
+# Scheduler flags that carry an EndpointPickerConfig: inline YAML text, or a file path.
+CONFIG_TEXT_FLAGS = ("--config-text", "--configText")
+CONFIG_FILE_FLAGS = ("--config-file", "--configFile")
+
+
+@dataclass
+class ResolvedService:
+    """The desired state of one LLMInferenceService after presets, baseRefs and templates.
+
+    `obj` is the merged document; the other fields are read from it for convenience.
+    `shape` is "scheduler", "no-scheduler" or "pd". `scheduler_config` is the
+    EndpointPickerConfig dict, or None for the shape's default profile; `scheduler_config_ref`
+    is `router.scheduler.config.ref` (a ConfigMap key) and `scheduler_config_file` a
+    `--config-file` path from the scheduler's args, both None when unused.
+    """
+
+    name: str
+    namespace: str
+    api_version: str
+    obj: dict
+    model_uri: str
+    model_name: str
+    replicas: int | None
+    prefill_replicas: int | None
+    shape: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    main_container: dict
+    prefill_container: dict | None
+    scheduler_config: dict | None
+    criticality: str
+    applied_presets: list[str] = field(default_factory=list)
+    applied_base_refs: list[str] = field(default_factory=list)
+    scheduler_config_ref: dict | None = None
+    scheduler_config_file: str | None = None
+
+    @property
+    def spec(self) -> dict:
+        """Return the merged spec."""
+        return self.obj["spec"]
+
+    @property
+    def stopped(self) -> bool:
+        """Return True when the `serving.kserve.io/stop: "true"` annotation is set."""
+        metadata_annotations = self.obj.get("metadata", {}).get("annotations") or {}
+        return str(metadata_annotations.get(STOP_ANNOTATION, "")).lower() == "true"
+
+    def applied_configs(self) -> list[dict]:
+        """Return `status.appliedConfigs` entries: presets first, then baseRefs, in merge order."""
+        entries = [{"name": n, "namespace": self.namespace, "source": "Preset"} for n in self.applied_presets]
+        entries += [{"name": n, "namespace": self.namespace, "source": "UserRef"} for n in self.applied_base_refs]
+        return entries
+
+
+def service_shape(spec: dict) -> str:
+    """Return the deployment shape of a spec: "pd", "scheduler" or "no-scheduler"."""
+    if spec.get("prefill") is not None:
+        return "pd"
+    if (spec.get("router") or {}).get("scheduler") is not None:
+        return "scheduler"
+    return "no-scheduler"
+
+
+def resolve(
+    service: Resource,
+    configs: dict[str, Resource] | None = None,
+    global_config: dict[str, str] | None = None,
+) -> ResolvedService:
+    """Merge, render and validate `service` into a ResolvedService.
+
+    `configs` maps names to LLMInferenceServiceConfig resources that `baseRefs` may name
+    (a config named like a preset replaces that preset). `global_config` adds to or
+    overrides DEFAULT_GLOBAL_CONFIG for `{{ .GlobalConfig.* }}` actions.
+    Raises SpecError for a missing baseRef, a template error or an invalid merged spec.
+    """
+    if service.kind != SERVICE_KIND:
+        raise SpecError.single("kind", f"must be {SERVICE_KIND} to resolve, got {service.kind}")
+    configs = configs or {}
+    base_layers, base_names = _base_ref_layers(service, configs)
+
+    # The shape is read after baseRefs, because a baseRef may add a scheduler or prefill.
+    shape_spec = merge_layers(base_layers + [service.spec])
+    preset_names = preset_data.select_presets(shape_spec)
+    shipped = preset_data.load_presets()
+    preset_layers = [(configs.get(name) or shipped[name]).spec for name in preset_names]
+
+    spec = merge_layers(preset_layers + base_layers + [service.spec])
+    spec.pop("baseRefs", None)
+    if service.spec.get("baseRefs"):
+        spec["baseRefs"] = copy.deepcopy(service.spec["baseRefs"])
+
+    metadata = copy.deepcopy(service.obj.get("metadata") or {})
+    metadata.setdefault("namespace", service.namespace or DEFAULT_NAMESPACE)
+    model = spec.setdefault("model", {})
+    model.setdefault("name", service.name)
+    document = {"apiVersion": service.api_version, "kind": SERVICE_KIND, "metadata": metadata, "spec": spec}
+
+    context = TemplateContext(document, {**DEFAULT_GLOBAL_CONFIG, **(global_config or {})})
+    document["spec"] = render_object(spec, context, "spec")
+    config_file = _extract_scheduler_args_config(document["spec"])
+
+    document, errors = validate_document(document, resource_schema(SERVICE_KIND, service.version))
+    errors += _check_resolved(document["spec"] if "spec" in document else {})
+    if errors:
+        raise SpecError(errors)
+
+    logger.debug("resolved %s/%s: presets %s, baseRefs %s", service.namespace, service.name,
+                 preset_names, base_names)
+    return _build(service, document, preset_names, base_names, config_file)
+
+
+def _base_ref_layers(service: Resource, configs: dict[str, Resource]) -> tuple[list[dict], list[str]]:
+    layers, names, errors = [], [], []
+    for i, ref in enumerate(service.spec.get("baseRefs") or []):
+        name = ref.get("name")
+        config = configs.get(name)
+        if config is None or config.kind != CONFIG_KIND:
+            errors.append(FieldError(
+                f"spec.baseRefs[{i}].name",
+                f"LLMInferenceServiceConfig {name!r} not found in namespace {service.namespace!r}: "
+                "apply it first or remove the reference",
+            ))
+            continue
+        layers.append(config.spec)
+        names.append(name)
+    if errors:
+        raise SpecError(errors)
+    return layers, names
+
+
+def _scheduler_containers(spec: dict) -> list[tuple[str, dict]]:
+    template = ((spec.get("router") or {}).get("scheduler") or {}).get("template") or {}
+    prefix = "spec.router.scheduler.template.containers"
+    return [(f"{prefix}[{i}]", c) for i, c in enumerate(template.get("containers") or []) if isinstance(c, dict)]
+
+
+def _split_flag(arg: str, flags: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """Return (flag, inline value) when `arg` is one of `flags` (`--f v` or `--f=v`)."""
+    for flag in flags:
+        if arg == flag:
+            return flag, None
+        if arg.startswith(flag + "="):
+            return flag, arg[len(flag) + 1:]
+    return None, None
+
+
+def _extract_scheduler_args_config(spec: dict) -> str | None:
+    """Move `--config-text` from the scheduler's container args into `config.inline`.
+
+    KServe samples pass the EndpointPickerConfig as a scheduler argument; moving it keeps a
+    single copy, which the runtimes turn back into one flag. Returns a `--config-file` path
+    if one is given. Raises SpecError for unparsable text or a config given twice.
+    """
+    found: list[tuple[str, str]] = []
+    config_file = None
+    for path, container in _scheduler_containers(spec):
+        args = [str(a) for a in container.get("args") or []]
+        kept: list[str] = []
+        i = 0
+        while i < len(args):
+            flag, value = _split_flag(args[i], CONFIG_TEXT_FLAGS + CONFIG_FILE_FLAGS)
+            if flag is None:
+                kept.append(args[i])
+                i += 1
+                continue
+            if value is None:
+                if i + 1 >= len(args):
+                    raise SpecError.single(f"{path}.args[{i}]", f"{flag} needs a value")
+                value = args[i + 1]
+                step = 2
+            else:
+                step = 1
+            if flag in CONFIG_FILE_FLAGS:
+                config_file = value
+                kept.extend(args[i:i + step])
+            else:
+                found.append((f"{path}.args[{i}]", value))
+            i += step
+        if "args" in container:
+            container["args"] = kept
+
+    if not found:
+        return config_file
+    config = spec["router"]["scheduler"].setdefault("config", {})
+    if len(found) > 1 or "inline" in config or "ref" in config:
+        where = ", ".join(p for p, _ in found)
+        raise SpecError.single("spec.router.scheduler.config",
+                               f"EndpointPickerConfig given more than once ({where} and config): keep one")
+    path, text = found[0]
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError.single(path, f"--config-text is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(parsed, dict):
+        raise SpecError.single(path, "--config-text must be an EndpointPickerConfig mapping")
+    config["inline"] = parsed
+    return config_file
+
+
+def _check_resolved(spec: dict) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if not (spec.get("model") or {}).get("uri"):
+        errors.append(FieldError("spec.model.uri", "required field is missing: set it in the service or a baseRef"))
+    for workload_path, workload in (("spec", spec), ("spec.prefill", spec.get("prefill"))):
+        if not isinstance(workload, dict):
+            continue
+        template = workload.get("template") or {}
+        if not any(c.get("name") == MAIN_CONTAINER for c in template.get("containers") or []):
+            errors.append(FieldError(f"{workload_path}.template.containers",
+                                     f"needs a container named {MAIN_CONTAINER!r} (the model server)"))
+        for pod_key in ("template", "worker"):
+            errors += _check_mounts(workload.get(pod_key) or {}, f"{workload_path}.{pod_key}")
+    return errors
+
+
+def _check_mounts(pod: dict, path: str) -> list[FieldError]:
+    volumes = {v.get("name") for v in pod.get("volumes") or []}
+    errors = []
+    for list_key in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(list_key) or []):
+            for j, mount in enumerate(container.get("volumeMounts") or []):
+                if mount.get("name") not in volumes:
+                    errors.append(FieldError(f"{path}.{list_key}[{i}].volumeMounts[{j}].name",
+                                             f"volume {mount.get('name')!r} is not defined in {path}.volumes"))
+    return errors
+
+
+def _container(pod: dict | None, name: str) -> dict | None:
+    for container in (pod or {}).get("containers") or []:
+        if container.get("name") == name:
+            return container
+    return None
+
+
+def _build(service: Resource, document: dict, preset_names: list[str], base_names: list[str],
+           config_file: str | None) -> ResolvedService:
+    spec = document["spec"]
+    prefill = spec.get("prefill")
+    scheduler = (spec.get("router") or {}).get("scheduler") or {}
+    config = scheduler.get("config") or {}
+    model = spec["model"]
+    return ResolvedService(
+        name=service.name,
+        namespace=service.namespace,
+        api_version=service.api_version,
+        obj=document,
+        model_uri=model["uri"],
+        model_name=model["name"],
+        replicas=spec.get("replicas"),
+        prefill_replicas=(prefill.get("replicas", 1) if prefill is not None else None),
+        shape=service_shape(spec),
+        labels=dict(spec.get("labels") or {}),
+        annotations=dict(spec.get("annotations") or {}),
+        main_container=_container(spec.get("template"), MAIN_CONTAINER) or {},
+        prefill_container=_container((prefill or {}).get("template"), MAIN_CONTAINER) if prefill is not None else None,
+        scheduler_config=config.get("inline"),
+        criticality=model.get("criticality", DEFAULT_CRITICALITY),
+        applied_presets=preset_names,
+        applied_base_refs=base_names,
+        scheduler_config_ref=config.get("ref"),
+        scheduler_config_file=config_file,
+    )
+
+
+def shell_join(args: list[str]) -> str:
+    """Return `args` as one shell-quoted line, for logs and `describe`."""
+    return shlex.join(args)

@@ -1,0 +1,268 @@
+"""Cross-field rules of an LLMInferenceService spec, checked after the structure is valid.
+
+Each rule appends FieldErrors; rules read the cleaned document defensively, because a
+document with structural errors still gets its semantic errors reported in the same pass.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any as AnyValue
+
+from llmisvc.api.errors import FieldError
+from llmisvc.api.quantity import parse_quantity
+from llmisvc.api.uri import check_model_uri
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+IANA_SERVICE_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+MAX_NAME_LENGTH = 63
+CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+VOLUME_SOURCES = (
+    "awsElasticBlockStore", "azureDisk", "azureFile", "cephfs", "cinder", "configMap", "csi",
+    "downwardAPI", "emptyDir", "ephemeral", "fc", "flexVolume", "flocker", "gcePersistentDisk",
+    "gitRepo", "glusterfs", "hostPath", "image", "iscsi", "nfs", "persistentVolumeClaim",
+    "photonPersistentDisk", "portworxVolume", "projected", "quobyte", "rbd", "scaleIO", "secret",
+    "storageos", "vsphereVolume",
+)
+
+
+def _dict(value: AnyValue) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: AnyValue) -> list:
+    return value if isinstance(value, list) else []
+
+
+def dns1123_label_error(name: AnyValue) -> str | None:
+    """Return why `name` is not a DNS-1123 label, or None when it is one."""
+    if not isinstance(name, str):
+        return None
+    if len(name) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters, got {len(name)} in {name!r}"
+    if not DNS1123_LABEL.match(name):
+        return (f"{name!r} is not a DNS-1123 label: use lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit")
+    return None
+
+
+def check_metadata(doc: dict, errors: list[FieldError]) -> None:
+    """Check metadata.name (a DNS-1123 label), metadata.namespace and label syntax."""
+    metadata = _dict(doc.get("metadata"))
+    name = metadata.get("name")
+    if name is None and "metadata" in doc:
+        if not any(e.path.startswith("metadata.name") for e in errors):
+            errors.append(FieldError("metadata.name", "required field is missing"))
+    reason = dns1123_label_error(name)
+    if reason:
+        errors.append(FieldError("metadata.name", reason))
+    reason = dns1123_label_error(metadata.get("namespace"))
+    if reason:
+        errors.append(FieldError("metadata.namespace", reason))
+    check_labels(metadata.get("labels"), "metadata.labels", errors)
+
+
+def check_labels(labels: AnyValue, path: str, errors: list[FieldError]) -> None:
+    """Check Kubernetes label keys ([prefix/]name) and values (at most 63 characters)."""
+    for key, value in _dict(labels).items():
+        if not isinstance(key, str):
+            continue
+        prefix, _, name = key.rpartition("/")
+        if (prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix))) or \
+                len(name) > MAX_NAME_LENGTH or not LABEL_NAME.match(name):
+            errors.append(FieldError(f"{path}.{key}", "invalid label key: use [prefix/]name with a "
+                                                      "name of at most 63 alphanumerics, '-', '_' or '.'"))
+        if isinstance(value, str) and (len(value) > MAX_NAME_LENGTH or not LABEL_VALUE.match(value)):
+            errors.append(FieldError(f"{path}.{key}", f"invalid label value {value!r}: at most 63 "
+                                                      "alphanumerics, '-', '_' or '.'"))
+
+
+def check_spec(spec: dict, errors: list[FieldError]) -> None:
+    """Check the cross-field rules of an LLMInferenceService (or config) spec."""
+    model = _dict(spec.get("model"))
+    uri = model.get("uri")
+    if isinstance(uri, str):
+        reason = check_model_uri(uri)
+        if reason:
+            errors.append(FieldError("spec.model.uri", reason))
+    if isinstance(model.get("name"), str) and not model["name"].strip():
+        errors.append(FieldError("spec.model.name", "must not be empty; omit it to use metadata.name"))
+
+    _check_workload(spec, "spec", errors)
+    if isinstance(spec.get("prefill"), dict):
+        _check_workload(spec["prefill"], "spec.prefill", errors)
+
+    _check_router(_dict(spec.get("router")), errors)
+    _check_base_refs(spec.get("baseRefs"), errors)
+    for key in ("labels",):
+        check_labels(spec.get(key), f"spec.{key}", errors)
+
+
+def _check_workload(workload: dict, path: str, errors: list[FieldError]) -> None:
+    if "scaling" in workload and "replicas" in workload:
+        errors.append(FieldError(f"{path}.scaling", f"must not be set together with {path}.replicas: "
+                                                    "use replicas for a fixed count or scaling for autoscaling"))
+    scaling = _dict(workload.get("scaling"))
+    low, high = scaling.get("minReplicas"), scaling.get("maxReplicas")
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        errors.append(FieldError(f"{path}.scaling.minReplicas", f"must be <= maxReplicas ({high}), got {low}"))
+
+    parallelism = _dict(workload.get("parallelism"))
+    data, local = parallelism.get("data"), parallelism.get("dataLocal")
+    if isinstance(data, int) and isinstance(local, int) and data >= 1 and local >= 1:
+        if local > data:
+            errors.append(FieldError(f"{path}.parallelism.dataLocal",
+                                     f"must be <= parallelism.data ({data}), got {local}"))
+        elif data % local:
+            errors.append(FieldError(f"{path}.parallelism.dataLocal",
+                                     f"must divide parallelism.data ({data}) evenly, got {local}"))
+    if isinstance(local, int) and data is None:
+        errors.append(FieldError(f"{path}.parallelism.dataLocal", "needs parallelism.data to be set"))
+
+    check_labels(workload.get("labels"), f"{path}.labels", errors)
+    for pod_key in ("template", "worker"):
+        if isinstance(workload.get(pod_key), dict):
+            check_pod_spec(workload[pod_key], f"{path}.{pod_key}", errors)
+
+
+def _check_router(router: dict, errors: list[FieldError]) -> None:
+    scheduler = _dict(router.get("scheduler"))
+    pool = _dict(scheduler.get("pool"))
+    if "spec" in pool and "ref" in pool:
+        errors.append(FieldError("spec.router.scheduler.pool", "set either spec (a managed InferencePool) or "
+                                                               "ref (an existing one), not both"))
+    config = _dict(scheduler.get("config"))
+    if "inline" in config and "ref" in config:
+        errors.append(FieldError("spec.router.scheduler.config", "set either inline or ref, not both"))
+    http = _dict(_dict(router.get("route")).get("http"))
+    if "spec" in http and "refs" in http:
+        errors.append(FieldError("spec.router.route.http", "set either spec (a managed HTTPRoute) or "
+                                                           "refs (existing ones), not both"))
+    for key in ("labels",):
+        check_labels(scheduler.get(key), f"spec.router.scheduler.{key}", errors)
+    if isinstance(scheduler.get("template"), dict):
+        check_pod_spec(scheduler["template"], "spec.router.scheduler.template", errors)
+
+
+def _check_base_refs(refs: AnyValue, errors: list[FieldError]) -> None:
+    seen: set[str] = set()
+    for i, ref in enumerate(_list(refs)):
+        name = _dict(ref).get("name")
+        if not isinstance(ref, dict):
+            continue
+        if not name:
+            errors.append(FieldError(f"spec.baseRefs[{i}].name", "required field is missing"))
+        elif name in seen:
+            errors.append(FieldError(f"spec.baseRefs[{i}].name", f"duplicate baseRef {name!r}"))
+        else:
+            seen.add(name)
+
+
+def check_pod_spec(pod: dict, path: str, errors: list[FieldError]) -> None:
+    """Check a pod spec: unique container and volume names, ports, probes, env and resources."""
+    names: dict[str, str] = {}
+    for list_key in CONTAINER_LISTS:
+        for i, container in enumerate(_list(pod.get(list_key))):
+            if not isinstance(container, dict):
+                continue
+            cpath = f"{path}.{list_key}[{i}]"
+            name = container.get("name")
+            if isinstance(name, str):
+                if name in names:
+                    errors.append(FieldError(f"{cpath}.name", f"duplicate container name {name!r} "
+                                                              f"(also at {names[name]})"))
+                else:
+                    names[name] = cpath
+                reason = dns1123_label_error(name)
+                if reason:
+                    errors.append(FieldError(f"{cpath}.name", reason))
+            _check_container(container, cpath, errors)
+
+    volume_names: set[str] = set()
+    for i, volume in enumerate(_list(pod.get("volumes"))):
+        if not isinstance(volume, dict):
+            continue
+        vpath = f"{path}.volumes[{i}]"
+        name = volume.get("name")
+        if isinstance(name, str):
+            if name in volume_names:
+                errors.append(FieldError(f"{vpath}.name", f"duplicate volume name {name!r}"))
+            volume_names.add(name)
+        sources = [s for s in VOLUME_SOURCES if s in volume]
+        if len(sources) > 1:
+            errors.append(FieldError(vpath, f"must have one volume source, got {', '.join(sources)}"))
+    _check_resources(_dict(pod.get("resources")), f"{path}.resources", errors)
+
+
+def _check_container(container: dict, path: str, errors: list[FieldError]) -> None:
+    seen_ports: set[tuple[int, str]] = set()
+    for i, port in enumerate(_list(container.get("ports"))):
+        number = _dict(port).get("containerPort")
+        key = (number, _dict(port).get("protocol", "TCP"))
+        if isinstance(number, int) and key in seen_ports:
+            errors.append(FieldError(f"{path}.ports[{i}].containerPort", f"duplicate port {number}/{key[1]}"))
+        seen_ports.add(key)
+
+    mount_paths: set[str] = set()
+    for i, mount in enumerate(_list(container.get("volumeMounts"))):
+        mount_path = _dict(mount).get("mountPath")
+        if isinstance(mount_path, str):
+            if mount_path in mount_paths:
+                errors.append(FieldError(f"{path}.volumeMounts[{i}].mountPath", f"duplicate mountPath {mount_path!r}"))
+            mount_paths.add(mount_path)
+
+    for i, env in enumerate(_list(container.get("env"))):
+        env = _dict(env)
+        if "value" in env and "valueFrom" in env:
+            errors.append(FieldError(f"{path}.env[{i}]", "set either value or valueFrom, not both"))
+        sources = list(_dict(env.get("valueFrom")))
+        if "valueFrom" in env and len(sources) != 1:
+            errors.append(FieldError(f"{path}.env[{i}].valueFrom",
+                                     f"must have exactly one source, got {len(sources)}"))
+        if env.get("name") == "":
+            errors.append(FieldError(f"{path}.env[{i}].name", "must not be empty"))
+
+    for probe_key in PROBES:
+        probe = _dict(container.get(probe_key))
+        for handler in ("httpGet", "tcpSocket", "grpc"):
+            port = _dict(probe.get(handler)).get("port")
+            _check_port_value(port, f"{path}.{probe_key}.{handler}.port", errors)
+        handlers = [h for h in ("exec", "httpGet", "tcpSocket", "grpc") if h in probe]
+        if len(handlers) > 1:
+            errors.append(FieldError(f"{path}.{probe_key}", f"must have one handler, got {', '.join(handlers)}"))
+        for field_name in ("periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold"):
+            value = probe.get(field_name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                errors.append(FieldError(f"{path}.{probe_key}.{field_name}", f"must be >= 1, got {value}"))
+        value = probe.get("initialDelaySeconds")
+        if isinstance(value, int) and value < 0:
+            errors.append(FieldError(f"{path}.{probe_key}.initialDelaySeconds", f"must be >= 0, got {value}"))
+    _check_resources(_dict(container.get("resources")), f"{path}.resources", errors)
+
+
+def _check_port_value(port: AnyValue, path: str, errors: list[FieldError]) -> None:
+    if isinstance(port, bool) or port is None:
+        return
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        errors.append(FieldError(path, f"port must be between 1 and 65535, got {port}"))
+    elif isinstance(port, str) and not port.isdigit() and (len(port) > 15 or not IANA_SERVICE_NAME.match(port)):
+        errors.append(FieldError(path, f"{port!r} is not a port number or port name"))
+    elif isinstance(port, str) and port.isdigit() and not 1 <= int(port) <= 65535:
+        errors.append(FieldError(path, f"port must be between 1 and 65535, got {port}"))
+
+
+def _check_resources(resources: dict, path: str, errors: list[FieldError]) -> None:
+    limits, requests = _dict(resources.get("limits")), _dict(resources.get("requests"))
+    for name, request in requests.items():
+        if name not in limits:
+            continue
+        try:
+            if parse_quantity(request) > parse_quantity(limits[name]):
+                errors.append(FieldError(f"{path}.requests.{name}",
+                                         f"must be <= limits.{name} ({limits[name]}), got {request}"))
+        except (ValueError, TypeError):
+            continue  # already reported as an invalid quantity

@@ -1,0 +1,162 @@
+"""Validation of LLMInferenceService documents: structure against the schema, then semantics.
+
+`validate_document` collects every problem instead of stopping at the first, so a user fixes
+a file in one pass. Structure checks reject unknown fields (suggesting the nearest known
+name), wrong types, missing required fields, values outside an enum and numbers outside their
+bounds. Semantic checks reject combinations that KServe would accept but cannot work, such as
+an InferencePool `spec` and `ref` together or `scaling` beside `replicas`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any as AnyValue
+
+from llmisvc.api import rules
+from llmisvc.api.errors import DOCUMENT, FieldError
+from llmisvc.api.quantity import parse_quantity
+from llmisvc.api.schema import (
+    ANY, ARRAY, BOOLEAN, INT_OR_STRING, INTEGER, MAP, NUMBER, OBJECT, STRING, Node,
+)
+
+
+
+def type_of(value: AnyValue) -> str:
+    """Return the JSON type name of a parsed YAML value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _expected(node: Node) -> str:
+    return {OBJECT: "object", ARRAY: "list", MAP: "object", INT_OR_STRING: "integer or string"}.get(
+        node.kind, node.kind
+    )
+
+
+def _matches_type(node: Node, value: AnyValue) -> bool:
+    if node.kind == ANY:
+        return True
+    if node.kind in (OBJECT, MAP):
+        return isinstance(value, dict)
+    if node.kind == ARRAY:
+        return isinstance(value, list)
+    if node.kind == STRING:
+        return isinstance(value, str)
+    if node.kind == BOOLEAN:
+        return isinstance(value, bool)
+    if node.kind == INTEGER:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if node.kind == NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if node.kind == INT_OR_STRING:
+        return isinstance(value, (int, str)) and not isinstance(value, bool)
+    return False
+
+
+def check_structure(value: AnyValue, node: Node, path: str, errors: list[FieldError]) -> AnyValue:
+    """Check `value` against `node`, appending problems to `errors`; return the cleaned value.
+
+    The cleaned value drops fields set to null, because Kubernetes treats `field: null` as
+    an absent field. Problems are reported with `path` as the prefix of their field paths.
+    """
+    if not _matches_type(node, value):
+        errors.append(FieldError(path, f"must be {_expected(node)}, got {type_of(value)}"))
+        return value
+
+    if node.kind == OBJECT:
+        return _check_object(value, node, path, errors)
+    if node.kind == ARRAY:
+        return [check_structure(item, node.item, f"{path}[{i}]", errors) for i, item in enumerate(value)]
+    if node.kind == MAP:
+        cleaned = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                errors.append(FieldError(path, f"keys must be strings, got {type_of(key)} {key!r}"))
+                continue
+            cleaned[key] = check_structure(item, node.value, f"{path}.{key}", errors)
+        return cleaned
+
+    _check_scalar(value, node, path, errors)
+    return value
+
+
+def _check_object(value: dict, node: Node, path: str, errors: list[FieldError]) -> dict:
+    cleaned = {}
+    for key, item in value.items():
+        field_path = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            errors.append(FieldError(path or DOCUMENT, f"field names must be strings, got {type_of(key)} {key!r}"))
+            continue
+        child = node.fields.get(key)
+        if child is None:
+            if node.open_fields:
+                cleaned[key] = item
+                continue
+            errors.append(FieldError(field_path, _unknown_field_reason(key, node)))
+            continue
+        if item is None:
+            continue
+        cleaned[key] = check_structure(item, child, field_path, errors)
+
+    for name in sorted(node.required):
+        if name not in cleaned and not any(e.path == (f"{path}.{name}" if path else name) for e in errors):
+            errors.append(FieldError(f"{path}.{name}" if path else name, "required field is missing"))
+    return cleaned
+
+
+def _unknown_field_reason(key: str, node: Node) -> str:
+    known = list(node.fields)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:
+        lowered = {k.lower(): k for k in known}
+        if key.lower() in lowered:
+            close = [lowered[key.lower()]]
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field {key!r}{hint}"
+
+
+def _check_scalar(value: AnyValue, node: Node, path: str, errors: list[FieldError]) -> None:
+    if node.enum and value not in node.enum:
+        allowed = ", ".join(str(v) for v in node.enum)
+        errors.append(FieldError(path, f"must be one of {allowed}, got {value!r}"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if node.minimum is not None and value < node.minimum:
+            errors.append(FieldError(path, f"must be >= {node.minimum}, got {value}"))
+        if node.maximum is not None and value > node.maximum:
+            errors.append(FieldError(path, f"must be <= {node.maximum}, got {value}"))
+    if node.type_name == "Quantity":
+        try:
+            parse_quantity(value)
+        except ValueError:
+            errors.append(FieldError(path, f"invalid quantity {value!r}: use a number with an optional "
+                                           "suffix such as 500m, 2, 4Gi"))
+
+
+def validate_document(doc: AnyValue, schema: Node) -> tuple[dict, list[FieldError]]:
+    """Validate one parsed document against `schema` and the spec's cross-field rules.
+
+    Returns the cleaned document (null fields dropped) and every problem found; the document
+    is valid when the list is empty.
+    """
+    errors: list[FieldError] = []
+    if not isinstance(doc, dict):
+        errors.append(FieldError(DOCUMENT, f"must be a mapping (an object), got {type_of(doc)}"))
+        return {}, errors
+    cleaned = check_structure(doc, schema, "", errors)
+    rules.check_metadata(cleaned, errors)
+    if isinstance(cleaned.get("spec"), dict):
+        rules.check_spec(cleaned["spec"], errors)
+    return cleaned, errors
