@@ -199,7 +199,7 @@ class ServiceTable:
             return None
         if self.by_model.get(service.model) is service:
             del self.by_model[service.model]
-        for endpoint in service.endpoints.values():
+        for endpoint in list(service.endpoints.values()):
             endpoint.draining = True
             self.forget_if_idle(service, endpoint)
         logger.info("service %s/%s deleted", namespace, name)
