@@ -1,0 +1,108 @@
+"""The CLI's side of the control socket: start the control process on demand and call it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from typing import Callable
+
+from llmisvc.runtime.local.paths import Home
+from llmisvc.runtime.local.process import LLMISVC_COMMAND
+
+_START_TIMEOUT_S = 90.0
+
+
+class ControlError(RuntimeError):
+    """The control process rejected a request; `kind` is "spec" for invalid input."""
+
+    def __init__(self, message: str, kind: str = ""):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ControlNotRunning(ControlError):
+    """No control process listens on the socket."""
+
+
+class ControlClient:
+    """Talk to the control process of `home`."""
+
+    def __init__(self, home: Home):
+        self.home = home
+
+    def is_running(self) -> bool:
+        try:
+            self.call("ping")
+            return True
+        except ControlNotRunning:
+            return False
+
+    def ensure_started(self, gateway_port: int) -> dict:
+        """Start the control process (detached, logging to control.log) unless it runs.
+
+        Returns the ping result (pid, gateway_port). Raises ControlError when it does not
+        come up within 90 seconds, quoting the end of control.log.
+        """
+        try:
+            return self.call("ping")
+        except ControlNotRunning:
+            pass
+        self.home.ensure()
+        with open(self.home.control_log, "ab") as log:
+            process = subprocess.Popen(
+                LLMISVC_COMMAND + ["control", "--gateway-port", str(gateway_port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=dict(os.environ, LLMISVC_HOME=str(self.home.root)),
+            )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                return self.call("ping")
+            except ControlNotRunning:
+                pass
+            if process.poll() is not None:
+                # A concurrent CLI may have started another control process that won.
+                try:
+                    return self.call("ping")
+                except ControlNotRunning:
+                    raise ControlError(f"the control process exited with code {process.returncode}:\n{_tail(self.home.control_log)}")
+            time.sleep(0.2)
+        raise ControlError(f"the control process did not start within {_START_TIMEOUT_S:.0f}s:\n{_tail(self.home.control_log)}")
+
+    def call(self, op: str, progress: Callable[[str], None] | None = None, **payload) -> dict:
+        """Send one request and return its result; progress lines go to `progress`.
+
+        Raises ControlNotRunning when nothing listens, ControlError when the request failed.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.home.socket))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise ControlNotRunning(f"no control process on {self.home.socket}") from exc
+        with sock, sock.makefile("rb") as replies:
+            sock.sendall(json.dumps({"op": op, **payload}).encode() + b"\n")
+            for line in replies:
+                message = json.loads(line)
+                if "progress" in message:
+                    if progress is not None:
+                        progress(message["progress"])
+                    continue
+                if message.get("ok"):
+                    return message["result"]
+                raise ControlError(message.get("error", "request failed"), message.get("kind", ""))
+        raise ControlError("the control process closed the connection without a reply; see " + str(self.home.control_log))
+
+
+def _tail(path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
