@@ -49,6 +49,10 @@ def child_name(parent: str, suffix: str) -> str:
     return _strip_trailing_non_alphanumerics(name)
 
 
+# The name templates use for `child_name`, so Go-template-minded callers find it.
+ChildName = child_name
+
+
 def _strip_trailing_non_alphanumerics(name: str) -> str:
     while name and not name[-1].isalnum():
         name = name[:-1]
