@@ -1,0 +1,1 @@
+"""Scheduler plugins, one per module; each module docstring gives its type name, parameters and formula."""

@@ -1,0 +1,152 @@
+"""Approximate prefix index: which endpoint probably caches which prompt prefix.
+
+The prompt text is cut into blocks of `block_chars` characters (block size in tokens x 4,
+the usual characters per token) and each block gets a chained 64-bit hash (BLAKE2b of
+the parent hash and the block's text), seeded with the model name so two models never
+share entries. At most `max_blocks` leading blocks are hashed. Each endpoint has an LRU
+of block hashes with `capacity` entries; a reverse map from hash to endpoints makes a
+lookup cost one dict probe per block. The index learns at pick time, not from the
+engine, so prefixes of requests still in flight count, and its total size is capped by
+`max_total_entries`, evicting from the largest endpoint first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+
+_U64 = struct.Struct("<Q")
+
+
+def text_block_hashes(text: str, block_chars: int, max_blocks: int, seed: str) -> list[int]:
+    """Return the chained hashes of the full `block_chars`-character blocks of `text`.
+
+    A trailing partial block is not hashed, because the engine cannot share it either.
+    """
+    parent = _U64.unpack(hashlib.blake2b(seed.encode(), digest_size=8, person=b"llmisvc-pfx").digest())[0]
+    count = min(len(text) // block_chars, max_blocks)
+    # ASCII text encodes once and is sliced as bytes; otherwise blocks stay aligned to
+    # characters, so the same text always splits the same way.
+    ascii_bytes = text.encode() if text.isascii() else None
+    hashes = []
+    for index in range(count):
+        start, end = index * block_chars, (index + 1) * block_chars
+        chunk = ascii_bytes[start:end] if ascii_bytes is not None else text[start:end].encode("utf-8", "surrogatepass")
+        parent = _U64.unpack(hashlib.blake2b(_U64.pack(parent) + chunk, digest_size=8).digest())[0]
+        hashes.append(parent)
+    return hashes
+
+
+class PrefixIndex:
+    """Per-endpoint LRUs of block hashes with a reverse map for matching.
+
+    `capacity` is the default per-endpoint size; `set_capacity` overrides it for one
+    endpoint (auto-sizing from the engine's KV cache size).
+    """
+
+    def __init__(self, capacity: int = 31_250, max_total_entries: int = 2_000_000):
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.default_capacity = capacity
+        self.max_total_entries = max_total_entries
+        self._lrus: dict[str, OrderedDict[int, None]] = {}
+        self._capacities: dict[str, int] = {}
+        self._holders: dict[int, set[str]] = {}
+        self._total = 0
+        self.lookup_blocks = 0
+        self.hit_blocks = 0
+
+    @property
+    def total_entries(self) -> int:
+        """Number of (endpoint, block) entries across all endpoints."""
+        return self._total
+
+    def entries(self, address: str) -> int:
+        """Number of blocks indexed for `address`."""
+        lru = self._lrus.get(address)
+        return len(lru) if lru is not None else 0
+
+    def capacity(self, address: str) -> int:
+        """Per-endpoint LRU size in blocks."""
+        return self._capacities.get(address, self.default_capacity)
+
+    def set_capacity(self, address: str, capacity: int) -> None:
+        """Set one endpoint's LRU size, evicting its oldest blocks if it shrank."""
+        self._capacities[address] = max(capacity, 1)
+        lru = self._lrus.get(address)
+        if lru is not None:
+            self._trim(address, lru, self._capacities[address])
+
+    def match(self, hashes: list[int], addresses: list[str] | None = None) -> dict[str, int]:
+        """Return address -> number of leading blocks of `hashes` indexed for it (0 omitted)."""
+        counts: dict[str, int] = {}
+        wanted = set(addresses) if addresses is not None else None
+        for position, block_hash in enumerate(hashes):
+            holders = self._holders.get(block_hash)
+            if not holders:
+                break
+            advanced = False
+            for address in holders:
+                if counts.get(address, 0) == position and (wanted is None or address in wanted):
+                    counts[address] = position + 1
+                    advanced = True
+            if not advanced:
+                break
+        best = max(counts.values(), default=0)
+        self.lookup_blocks += len(hashes)
+        self.hit_blocks += best
+        return counts
+
+    def add(self, address: str, hashes: list[int]) -> None:
+        """Record that `address` now caches the blocks `hashes` (most recently used)."""
+        lru = self._lrus.get(address)
+        if lru is None:
+            lru = self._lrus[address] = OrderedDict()
+        for block_hash in hashes:
+            if block_hash in lru:
+                lru.move_to_end(block_hash)
+                continue
+            lru[block_hash] = None
+            self._holders.setdefault(block_hash, set()).add(address)
+            self._total += 1
+        self._trim(address, lru, self.capacity(address))
+        if self._total > self.max_total_entries:
+            self._enforce_total()
+
+    def remove_endpoint(self, address: str) -> None:
+        """Forget every block of `address`."""
+        lru = self._lrus.pop(address, None)
+        self._capacities.pop(address, None)
+        if lru is None:
+            return
+        for block_hash in lru:
+            self._drop_holder(block_hash, address)
+        self._total -= len(lru)
+
+    def hit_ratio(self) -> float:
+        """Fraction of looked-up blocks found on the best endpoint, since creation."""
+        return self.hit_blocks / self.lookup_blocks if self.lookup_blocks else 0.0
+
+    def _trim(self, address: str, lru: OrderedDict[int, None], capacity: int) -> None:
+        while len(lru) > capacity:
+            block_hash, _ = lru.popitem(last=False)
+            self._drop_holder(block_hash, address)
+            self._total -= 1
+
+    def _drop_holder(self, block_hash: int, address: str) -> None:
+        holders = self._holders.get(block_hash)
+        if holders is not None:
+            holders.discard(address)
+            if not holders:
+                del self._holders[block_hash]
+
+    def _enforce_total(self) -> None:
+        # Shrink the largest endpoints first: they have the most stale tail to lose.
+        excess = self._total - self.max_total_entries
+        for address, lru in sorted(self._lrus.items(), key=lambda item: -len(item[1])):
+            if excess <= 0:
+                return
+            drop = min(excess, len(lru))
+            self._trim(address, lru, len(lru) - drop)
+            excess -= drop
