@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,20 @@ def _client() -> ControlClient:
     return ControlClient(Home.from_env())
 
 
+def _connected_client() -> ControlClient:
+    """Return a client, starting the control process when services are stored.
+
+    A stopped control process restarts the stored services on start, like a rebooted
+    node; without a store there is nothing to start it for.
+    """
+    from llmisvc.runtime.local.store import stored_service_count
+
+    client = _client()
+    if stored_service_count(client.home.store) > 0 and not client.is_running():
+        client.ensure_started()
+    return client
+
+
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -89,9 +104,8 @@ def run_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(client, text)
 
-    port = args.gateway_port if args.gateway_port is not None else gateway_port_from_env()
     try:
-        info = client.ensure_started(port)
+        info = client.ensure_started(args.gateway_port)
     except ControlError as exc:
         return _error(str(exc))
     if args.gateway_port is not None and info.get("gateway_port") != args.gateway_port:
@@ -184,7 +198,7 @@ def _table(rows: list[list[str]]) -> str:
 def run_get(args: argparse.Namespace) -> int:
     """List services (NAME URL READY REASON AGE), or print them as YAML or JSON."""
     try:
-        result = _client().call("get", name=args.name, namespace=args.namespace, full=args.output in ("yaml", "json"))
+        result = _connected_client().call("get", name=args.name, namespace=args.namespace, full=args.output in ("yaml", "json"))
         services = result["services"]
     except ControlNotRunning:
         if args.name:
@@ -222,7 +236,7 @@ def run_get(args: argparse.Namespace) -> int:
 def run_describe(args: argparse.Namespace) -> int:
     """Print a service's spec summary, conditions, replicas, last crash log tails and events."""
     try:
-        info = _client().call("describe", name=args.name, namespace=args.namespace)
+        info = _connected_client().call("describe", name=args.name, namespace=args.namespace)
     except ControlNotRunning:
         return _error(f"{SERVICE_RESOURCE} \"{args.name}\" not found")
     except ControlError as exc:
@@ -296,7 +310,7 @@ def run_logs(args: argparse.Namespace) -> int:
     from llmisvc.runtime.local.logs import follow, print_lines, tail_lines
 
     try:
-        result = _client().call("logs", name=args.name, namespace=args.namespace, prefill=args.prefill,
+        result = _connected_client().call("logs", name=args.name, namespace=args.namespace, prefill=args.prefill,
                                 scheduler=args.scheduler, replica=args.replica)
     except ControlNotRunning:
         return _error(f"{SERVICE_RESOURCE} \"{args.name}\" not found")
@@ -336,7 +350,7 @@ def run_delete(args: argparse.Namespace) -> int:
         names = [(args.namespace, args.name)]
     else:
         return _error("give a service NAME or -f FILE")
-    client = _client()
+    client = _connected_client()
     status = 0
     for namespace, name in names:
         try:
@@ -373,10 +387,27 @@ def run_control(args: argparse.Namespace) -> int:
 
     home = Home.from_env()
     home.ensure()
-    port = args.gateway_port if args.gateway_port is not None else gateway_port_from_env()
+    port = args.gateway_port
+    if port is None and "LLMISVC_GATEWAY_PORT" not in os.environ:
+        port = _last_gateway_port(home)
+    if port is None:
+        port = gateway_port_from_env()
     lock = open(home.root / "control.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return _error(f"another control process already runs for {home.root}")
     return asyncio.run(ControlServer(home, port).run())
+
+
+def _last_gateway_port(home: Home) -> int | None:
+    """Return the gateway port the previous control process of `home` used, if any."""
+    if not home.store.exists():
+        return None
+    from llmisvc.runtime.local.store import Store
+
+    store = Store(home.store)
+    try:
+        return (store.get_setting("gateway") or {}).get("port")
+    finally:
+        store.close()

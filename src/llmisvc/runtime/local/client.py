@@ -40,11 +40,13 @@ class ControlClient:
         except ControlNotRunning:
             return False
 
-    def ensure_started(self, gateway_port: int) -> dict:
+    def ensure_started(self, gateway_port: int | None = None) -> dict:
         """Start the control process (detached, logging to control.log) unless it runs.
 
-        Returns the ping result (pid, gateway_port). Raises ControlError when it does not
-        come up within 90 seconds, quoting the end of control.log.
+        `gateway_port` None lets the control process choose (LLMISVC_GATEWAY_PORT, else
+        the port it used last, else 8000). Returns the ping result (pid, gateway_port).
+        Raises ControlError when it does not come up within 90 seconds, quoting the end of
+        control.log.
         """
         try:
             return self.call("ping")
@@ -53,7 +55,7 @@ class ControlClient:
         self.home.ensure()
         with open(self.home.control_log, "ab") as log:
             process = subprocess.Popen(
-                LLMISVC_COMMAND + ["control", "--gateway-port", str(gateway_port)],
+                LLMISVC_COMMAND + ["control"] + ([] if gateway_port is None else ["--gateway-port", str(gateway_port)]),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

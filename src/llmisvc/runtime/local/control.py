@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 SERVICE_KIND = "LLMInferenceService"
 CONFIG_KIND = "LLMInferenceServiceConfig"
 _MAX_REQUEST_BYTES = 16 * 1024 * 1024
+# Operations after which a control process without services exits. `ping` and `apply` are
+# not among them: the CLI pings a freshly started control process before applying.
+_EXIT_WHEN_EMPTY_AFTER = frozenset({"delete", "get", "describe", "logs"})
 
 
 class ApplyRejected(Exception):
@@ -53,7 +56,6 @@ class ControlServer:
         self.gateway_port = gateway_port
         self.services: dict[str, ServiceRuntime] = {}
         self._stop = asyncio.Event()
-        self._exit_when_empty = False
         self._context: RuntimeContext | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -146,6 +148,7 @@ class ControlServer:
             writer.write(json.dumps(message).encode() + b"\n")
             await writer.drain()
 
+        op = None
         try:
             line = await reader.readline()
             request = json.loads(line)
@@ -182,7 +185,10 @@ class ControlServer:
                 pass
         finally:
             writer.close()
-        if self._exit_when_empty and not self.services:
+        # Started on demand, the control process leaves nothing running once it has no
+        # services: after the last delete, or after a read-only request found none.
+        if not self.services and op in _EXIT_WHEN_EMPTY_AFTER and not self._stop.is_set():
+            logger.info("no services left; control process exiting")
             self._stop.set()
 
     async def _op_ping(self, request: dict, progress) -> dict:
@@ -218,7 +224,8 @@ class ControlServer:
             if service is None:
                 service = ServiceRuntime(plan, self._context)
                 self.services[plan.key] = service
-            progress(f"{SERVICE_KIND} {plan.key} {action['action']}d (generation {generation})")
+            past = {"create": "created", "configure": "configured"}.get(action["action"], action["action"])
+            progress(f"{SERVICE_KIND} {plan.key} {past} (generation {generation})")
             await service.reconcile(plan, progress, request.get("wait_timeout_s"))
             results.append(self._summary(service, generation))
         return {"services": results, "configs": [f"{c.namespace}/{c.name}" for c in new_configs]}
@@ -342,9 +349,6 @@ class ControlServer:
         await service.delete()
         self._context.store.delete_service(service.namespace, service.name)
         del self.services[service.plan.key]
-        if not self.services:
-            # Started on demand, the control process leaves nothing running once idle.
-            self._exit_when_empty = True
         return {"deleted": service.plan.key}
 
     async def _op_shutdown(self, request: dict, progress) -> dict:

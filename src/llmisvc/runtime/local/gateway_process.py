@@ -75,6 +75,8 @@ class GatewayProcess:
     async def ensure_running(self) -> None:
         """Adopt the recorded gateway when it is alive and answers, else start one."""
         stored = self._store.get_setting("gateway")
+        if stored and stored.get("pid") is None:
+            stored = None
         if stored and stored.get("port") == self.port:
             ref = ProcessRef(stored["pid"], stored["start_ticks"])
             if is_alive(ref) and await self._answers():
@@ -104,7 +106,8 @@ class GatewayProcess:
             await terminate(self._ref, self._popen, 10.0)
             logger.info("gateway pid %d stopped", self._ref.pid)
             self._ref = None
-        self._store.set_setting("gateway", None)
+        # The port is kept so the next control process serves on the same one.
+        self._store.set_setting("gateway", {"port": self.port, "pid": None, "start_ticks": None})
 
     def detach(self) -> None:
         if self._task is not None:

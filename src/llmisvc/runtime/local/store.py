@@ -184,3 +184,19 @@ class Store:
 def _service(row: tuple) -> StoredService:
     namespace, name, generation, resource, plan, created, updated = row
     return StoredService(namespace, name, generation, json.loads(resource), json.loads(plan), created, updated)
+
+
+def stored_service_count(path: Path) -> int:
+    """Count the services in the store at `path` without writing to it (0 when absent).
+
+    The CLI uses this to decide whether a control process is worth starting.
+    """
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM services").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
