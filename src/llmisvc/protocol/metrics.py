@@ -12,6 +12,10 @@ TIME_TO_FIRST_TOKEN = "vllm:time_to_first_token_seconds"
 INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
 E2E_REQUEST_LATENCY = "vllm:e2e_request_latency_seconds"
 REQUEST_QUEUE_TIME = "vllm:request_queue_time_seconds"
+NUM_PREEMPTIONS = "vllm:num_preemptions"
+REQUEST_SUCCESS = "vllm:request_success"
+REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
+REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
 
 # Counters above are exposed with the Prometheus `_total` suffix
 # (prometheus_client appends it), e.g. `vllm:prefix_cache_hits_total`.
