@@ -14,6 +14,27 @@ from llmisvc.api.schema import (
     Bool, Int, Int64, IntOrStr, Labels, Quantity, Str, Strs, array, obj, string_map,
 )
 
+ObjectMeta = obj(
+    "ObjectMeta",
+    "Standard Kubernetes object metadata.",
+    annotations=Labels.doc("Annotations; on an LLMInferenceService, `llmisvc.io/engine` picks the "
+                           "engine and `serving.kserve.io/stop: \"true\"` stops the service."),
+    creationTimestamp=Str,
+    deletionGracePeriodSeconds=Int64,
+    deletionTimestamp=Str,
+    finalizers=Strs,
+    generateName=Str,
+    generation=Int64,
+    labels=Labels,
+    managedFields=array(obj("ManagedFieldsEntry", open_fields=True)),
+    name=Str.doc("Object name; a DNS-1123 label (lowercase alphanumerics and '-', at most 63)."),
+    namespace=Str.doc("Namespace; `default` when absent."),
+    ownerReferences=array(obj("OwnerReference", open_fields=True)),
+    resourceVersion=Str,
+    selfLink=Str,
+    uid=Str,
+)
+
 # --- references and selectors -------------------------------------------------------------
 
 LocalObjectReference = obj("LocalObjectReference", name=Str.doc("Name of the referent."))
@@ -301,7 +322,7 @@ Volume = obj(
         "EphemeralVolumeSource",
         volumeClaimTemplate=obj(
             "PersistentVolumeClaimTemplate", required=("spec",),
-            metadata=obj("ObjectMeta", open_fields=True),
+            metadata=ObjectMeta,
             spec=PersistentVolumeClaimSpec,
         ),
     ),

@@ -13,7 +13,7 @@ import functools
 
 from llmisvc.api.kube_types import (
     HorizontalPodAutoscalerBehavior, HTTPRouteSpec, InferencePoolSpecV1, InferencePoolSpecV1Alpha2,
-    LocalObjectReference, PersistentVolumeClaimSpec, PodSpec,
+    LocalObjectReference, ObjectMeta, PersistentVolumeClaimSpec, PodSpec,
 )
 from llmisvc.api.schema import (
     Any, Bool, Int, Int64, Labels, Node, Quantity, Str, Strs, array, obj, string_map,
@@ -24,27 +24,6 @@ API_VERSIONS = (f"{GROUP}/v1alpha1", f"{GROUP}/v1alpha2")
 SERVICE_KIND = "LLMInferenceService"
 CONFIG_KIND = "LLMInferenceServiceConfig"
 KINDS = (SERVICE_KIND, CONFIG_KIND)
-
-ObjectMeta = obj(
-    "ObjectMeta",
-    "Standard Kubernetes object metadata.",
-    annotations=Labels.doc("Annotations; `llmisvc.io/engine` picks the engine, "
-                           "`serving.kserve.io/stop: \"true\"` stops the service."),
-    creationTimestamp=Str,
-    deletionGracePeriodSeconds=Int64,
-    deletionTimestamp=Str,
-    finalizers=Strs,
-    generateName=Str,
-    generation=Int64,
-    labels=Labels,
-    managedFields=array(obj("ManagedFieldsEntry", open_fields=True)),
-    name=Str.doc("Object name; a DNS-1123 label (lowercase alphanumerics and '-', at most 63)."),
-    namespace=Str.doc("Namespace; `default` when absent."),
-    ownerReferences=array(obj("OwnerReference", open_fields=True)),
-    resourceVersion=Str,
-    selfLink=Str,
-    uid=Str,
-)
 
 Parallelism = obj(
     "ParallelismSpec",
