@@ -1,0 +1,252 @@
+"""Router objects: llmisvc's gateway as the scheduler Deployment, its Service and RBAC, the
+InferencePool, and the HTTPRoute.
+
+The llmisvc gateway schedules and proxies requests itself, so the HTTPRoute's backend is the
+gateway's Service (or, without a scheduler, the workload Service). The InferencePool is
+rendered for tools that read it, but no Gateway is pointed at it: that would need an endpoint
+picker speaking Envoy's external-processing protocol, which the llmisvc gateway is not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from llmisvc.runtime.kubernetes import names as n
+from llmisvc.runtime.kubernetes.context import ServiceContext
+from llmisvc.runtime.kubernetes.workload import WORKLOAD_PORT
+
+GATEWAY_PORT = 8000
+CONFIG_DIR = "/etc/llmisvc"
+CONFIG_FILE = "gateway.yaml"
+POOL_API_VERSION = "inference.networking.k8s.io/v1"
+GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
+
+
+def has_scheduler(ctx: ServiceContext) -> bool:
+    """Return True when the service runs llmisvc's scheduler (shapes `scheduler` and `pd`)."""
+    return ctx.shape in ("scheduler", "pd")
+
+
+def _router(ctx: ServiceContext) -> dict:
+    return ctx.spec.get("router") or {}
+
+
+def _pool_ref(ctx: ServiceContext) -> str | None:
+    pool = ((_router(ctx).get("scheduler") or {}).get("pool") or {})
+    return (pool.get("ref") or {}).get("name")
+
+
+def gateway_config(ctx: ServiceContext) -> dict:
+    """Return the gateway's `--config` document: this service with pod discovery.
+
+    Endpoints come from pods matching the pool selector (see `discovery.py`), not from a
+    static list.
+    """
+    pool_name = _pool_ref(ctx) or ctx.names.pool
+    return {
+        "services": [
+            {
+                "namespace": ctx.namespace,
+                "name": ctx.name,
+                "model": ctx.model_name,
+                "shape": ctx.shape,
+                "scheduler_config": ctx.scheduler_config,
+                "criticality": (ctx.spec.get("model") or {}).get("criticality", "Standard"),
+                "endpoints": [],
+                "discovery": {
+                    "namespace": ctx.namespace,
+                    "pool": pool_name,
+                    "selector": n.pool_selector(ctx.name),
+                    "targetPort": WORKLOAD_PORT,
+                },
+            }
+        ]
+    }
+
+
+def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
+    """Return the scheduler pod: the template's pod settings with llmisvc's gateway as `main`."""
+    template = copy.deepcopy((_router(ctx).get("scheduler") or {}).get("template") or {})
+    containers = template.get("containers") or []
+    main = next((c for c in containers if c.get("name") == "main"), {})
+    # The gateway replaces whatever endpoint picker the template names; only the container's
+    # resources, env and placement are kept.
+    container = {
+        "name": "main",
+        "image": ctx.options.llmisvc_image,
+        "command": ["llmisvc", "gateway"],
+        "args": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+                 "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "volumeMounts": [{"name": "gateway-config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "readinessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 20,
+                          "failureThreshold": 6},
+    }
+    for key in ("resources", "env", "envFrom", "securityContext"):
+        if main.get(key):
+            container[key] = main[key]
+    template["containers"] = [container] + [c for c in containers if c.get("name") != "main"]
+    template["serviceAccountName"] = ctx.names.scheduler_account
+    template["volumes"] = [v for v in template.get("volumes") or [] if v.get("name") != "gateway-config"]
+    template["volumes"].append(
+        {"name": "gateway-config", "configMap": {"name": ctx.names.scheduler_config}}
+    )
+    return template
+
+
+def scheduler_objects(ctx: ServiceContext) -> list[dict]:
+    """Return the scheduler's ConfigMap, Deployment, Service, ServiceAccount, Role and binding."""
+    if not has_scheduler(ctx):
+        return []
+    labels = n.base_labels(ctx.name, n.SCHEDULER_COMPONENT)
+    names = ctx.names
+    replicas = (_router(ctx).get("scheduler") or {}).get("replicas", 1)
+    config_text = yaml.safe_dump(gateway_config(ctx), sort_keys=False)
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": ctx.metadata(names.scheduler_config, labels),
+            "data": {CONFIG_FILE: config_text},
+        },
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": ctx.metadata(names.scheduler, labels),
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": dict(labels)},
+                "template": {"metadata": {"labels": dict(labels)},
+                             "spec": _scheduler_pod_spec(ctx)},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": ctx.metadata(names.scheduler_service, labels),
+            "spec": {
+                "selector": dict(labels),
+                "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": GATEWAY_PORT,
+                           "protocol": "TCP"}],
+                "type": "ClusterIP",
+            },
+        },
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": ctx.metadata(names.scheduler_account, labels)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": ctx.metadata(names.scheduler_role, labels),
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
+                 "verbs": ["get", "list", "watch"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": ctx.metadata(names.scheduler_role_binding, labels),
+            "subjects": [{"kind": "ServiceAccount", "name": names.scheduler_account,
+                          "namespace": ctx.namespace}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": names.scheduler_role},
+        },
+    ]
+
+
+def inference_pool(ctx: ServiceContext) -> list[dict]:
+    """Return the InferencePool over the model-server pods; empty without a scheduler or
+    when the spec references an existing pool."""
+    if not has_scheduler(ctx) or _pool_ref(ctx):
+        return []
+    pool_spec = copy.deepcopy(((_router(ctx).get("scheduler") or {}).get("pool") or {}).get("spec") or {})
+    # No endpointPickerRef: nothing here speaks Envoy's external-processing protocol.
+    pool_spec.pop("endpointPickerRef", None)
+    pool_spec["selector"] = {"matchLabels": n.pool_selector(ctx.name)}
+    pool_spec["targetPorts"] = [{"number": WORKLOAD_PORT}]
+    return [
+        {
+            "apiVersion": POOL_API_VERSION,
+            "kind": "InferencePool",
+            "metadata": ctx.metadata(ctx.names.pool, n.base_labels(ctx.name, n.SCHEDULER_COMPONENT)),
+            "spec": pool_spec,
+        }
+    ]
+
+
+def _parent_refs(ctx: ServiceContext, route_spec: dict) -> list[dict]:
+    """Return the route's parents: `router.gateway.refs` when set (as KServe attaches managed
+    routes to them), else the route spec's own parentRefs, else the default Gateway."""
+    refs = (_router(ctx).get("gateway") or {}).get("refs") or []
+    if not refs and route_spec.get("parentRefs"):
+        return copy.deepcopy(route_spec["parentRefs"])
+    if not refs:
+        refs = [{"name": ctx.options.gateway_name, "namespace": ctx.options.gateway_namespace}]
+    parents = []
+    for ref in refs:
+        parent = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": ref["name"],
+                  "namespace": ref.get("namespace") or ctx.namespace}
+        if ref.get("sectionName"):
+            parent["sectionName"] = ref["sectionName"]
+        parents.append(parent)
+    return parents
+
+
+def route_backend(ctx: ServiceContext) -> dict:
+    """Return the HTTPRoute backendRef: the gateway's Service, or the workload Service
+    without a scheduler."""
+    service = ctx.names.scheduler_service if has_scheduler(ctx) else ctx.names.workload_service
+    return {"group": "", "kind": "Service", "name": service, "port": GATEWAY_PORT, "weight": 1}
+
+
+def gateway_refs(ctx: ServiceContext, route: dict | None) -> list[tuple[str, str]]:
+    """Return (namespace, name) of every Gateway the managed route attaches to."""
+    if route is None:
+        return []
+    return [
+        (ref.get("namespace") or ctx.namespace, ref["name"])
+        for ref in route["spec"].get("parentRefs") or []
+        if ref.get("kind", "Gateway") == "Gateway"
+    ]
+
+
+def http_route(ctx: ServiceContext) -> list[dict]:
+    """Return the managed HTTPRoute `<name>-kserve-route`; empty when the spec has no
+    `router.route` or references its own routes."""
+    route = _router(ctx).get("route")
+    if route is None:
+        return []
+    http = route.get("http") or {}
+    if http.get("refs"):
+        return []
+    user_spec = copy.deepcopy(http.get("spec") or {})
+    backend = route_backend(ctx)
+    prefix = f"/{ctx.namespace}/{ctx.name}"
+
+    rules = user_spec.get("rules") or [
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": prefix}}],
+            "filters": [
+                {
+                    "type": "URLRewrite",
+                    "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/"}},
+                }
+            ],
+        }
+    ]
+    for rule in rules:
+        rule["backendRefs"] = [dict(backend)]
+
+    spec = {**user_spec, "parentRefs": _parent_refs(ctx, user_spec), "rules": rules}
+    return [
+        {
+            "apiVersion": GATEWAY_API_VERSION,
+            "kind": "HTTPRoute",
+            "metadata": ctx.metadata(ctx.names.route, n.base_labels(ctx.name, n.ROUTER_COMPONENT)),
+            "spec": spec,
+        }
+    ]

@@ -1,0 +1,107 @@
+"""Model storage on Kubernetes: how a model URI becomes files at `/mnt/models` in a pod.
+
+- `hf://org/name` and `s3://bucket/path`: an init container (KServe's storage initializer)
+  downloads the model into an `emptyDir` volume that the engine mounts read-only.
+- `pvc://claim/path`: the claim is mounted read-only, `path` as the mount's subPath.
+- `oci://registry/image:tag`: the image is mounted as an image volume (Kubernetes 1.31+).
+- anything else (`file://`, a plain path, the embedded default model) is passed to the engine
+  unchanged, because it names something inside the engine image or on the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MODEL_MOUNT_PATH = "/mnt/models"
+
+# Volume and container names as KServe's controller uses them, so existing tooling that
+# looks for the model volume finds it.
+PROVISION_VOLUME = "kserve-provision-location"
+PVC_VOLUME = "kserve-pvc-source"
+OCI_VOLUME = "kserve-oci-model"
+STORAGE_INITIALIZER = "storage-initializer"
+
+
+@dataclass
+class ModelStorage:
+    """What a pod needs to see the model: volumes, init containers and the engine's mount.
+
+    `model_path` is the value for the engine's model argument.
+    """
+
+    model_path: str
+    volumes: list[dict] = field(default_factory=list)
+    init_containers: list[dict] = field(default_factory=list)
+    volume_mounts: list[dict] = field(default_factory=list)
+
+
+def parse_pvc_uri(uri: str) -> tuple[str, str]:
+    """Split `pvc://claim/sub/path` into (`claim`, `sub/path`); the path may be empty.
+
+    Raises ValueError when the claim name is missing.
+    """
+    rest = uri[len("pvc://"):]
+    claim, _, path = rest.partition("/")
+    if not claim:
+        raise ValueError(f"invalid pvc:// model URI {uri!r}: missing claim name")
+    return claim, path.strip("/")
+
+
+def model_storage(uri: str, initializer_image: str) -> ModelStorage:
+    """Return the volumes, init containers and mounts that make `uri` visible to the engine.
+
+    `initializer_image` runs the download for `hf://` and `s3://` URIs. Raises ValueError for
+    a malformed `pvc://` URI.
+    """
+    if uri.startswith(("hf://", "s3://")):
+        return ModelStorage(
+            model_path=MODEL_MOUNT_PATH,
+            volumes=[{"name": PROVISION_VOLUME, "emptyDir": {}}],
+            init_containers=[
+                {
+                    "name": STORAGE_INITIALIZER,
+                    "image": initializer_image,
+                    "args": [uri, MODEL_MOUNT_PATH],
+                    "volumeMounts": [{"name": PROVISION_VOLUME, "mountPath": MODEL_MOUNT_PATH}],
+                    "resources": {
+                        "requests": {"cpu": "100m", "memory": "100Mi"},
+                        "limits": {"cpu": "1", "memory": "1Gi"},
+                    },
+                }
+            ],
+            volume_mounts=[
+                {"name": PROVISION_VOLUME, "mountPath": MODEL_MOUNT_PATH, "readOnly": True}
+            ],
+        )
+
+    if uri.startswith("pvc://"):
+        claim, path = parse_pvc_uri(uri)
+        mount = {"name": PVC_VOLUME, "mountPath": MODEL_MOUNT_PATH, "readOnly": True}
+        if path:
+            mount["subPath"] = path
+        return ModelStorage(
+            model_path=MODEL_MOUNT_PATH,
+            volumes=[
+                {
+                    "name": PVC_VOLUME,
+                    "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+                }
+            ],
+            volume_mounts=[mount],
+        )
+
+    if uri.startswith("oci://"):
+        return ModelStorage(
+            model_path=MODEL_MOUNT_PATH,
+            volumes=[
+                {
+                    "name": OCI_VOLUME,
+                    "image": {"reference": uri[len("oci://"):], "pullPolicy": "IfNotPresent"},
+                }
+            ],
+            volume_mounts=[{"name": OCI_VOLUME, "mountPath": MODEL_MOUNT_PATH, "readOnly": True}],
+        )
+
+    # NOTE: a file:// URI or plain path must exist inside the engine image (or on a volume
+    # the template mounts itself); nothing here checks that.
+    return ModelStorage(model_path=uri)

@@ -1,0 +1,290 @@
+"""Rendering of KServe-style samples into Kubernetes objects: golden files, schema
+validation of every object, and the names, labels and wiring KServe users rely on.
+
+Set LLMISVC_UPDATE_GOLDEN=1 to rewrite the golden files after an intended change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from k8s_schemas import validate_object
+
+from llmisvc.api import load_file, resolve
+from llmisvc.api.templates import child_name
+from llmisvc.runtime.kubernetes.render import render_manifests
+from support import LLMISVC
+
+HERE = Path(__file__).parent
+SAMPLES = sorted((HERE / "samples").glob("*.yaml"))
+GOLDEN = HERE / "golden"
+UID = "6f1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f"
+
+
+def render(sample: str, uid: str | None = UID) -> list[dict]:
+    resource = load_file(HERE / "samples" / f"{sample}.yaml")[0]
+    return render_manifests(resolve(resource), owner_uid=uid)
+
+
+def by_key(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def main_container(pod_spec: dict) -> dict:
+    return next(c for c in pod_spec["containers"] if c["name"] == "main")
+
+
+@pytest.mark.parametrize("sample", [p.stem for p in SAMPLES])
+def test_render_matches_golden(sample):
+    text = yaml.safe_dump_all(render(sample), sort_keys=False)
+    golden = GOLDEN / f"{sample}.yaml"
+    if os.environ.get("LLMISVC_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"missing golden file {golden}; run with LLMISVC_UPDATE_GOLDEN=1"
+    assert text == golden.read_text()
+
+
+@pytest.mark.parametrize("sample", [p.stem for p in SAMPLES])
+def test_rendered_objects_validate(sample):
+    objects = render(sample)
+    assert objects
+    for obj in objects:
+        errors = validate_object(obj)
+        assert errors == [], f"{obj['kind']} {obj['metadata']['name']}: {errors}"
+
+
+@pytest.mark.parametrize("sample", [p.stem for p in SAMPLES])
+def test_every_child_owned_and_labelled(sample):
+    for obj in render(sample):
+        meta = obj["metadata"]
+        assert len(meta["name"]) <= 63
+        assert meta["ownerReferences"] == [{
+            "apiVersion": meta["ownerReferences"][0]["apiVersion"],
+            "kind": "LLMInferenceService",
+            "name": load_file(HERE / "samples" / f"{sample}.yaml")[0].name,
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }]
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "llminferenceservice"
+
+
+def test_render_without_uid_has_no_owner():
+    for obj in render("scheduler", uid=None):
+        assert "ownerReferences" not in obj["metadata"]
+
+
+def test_scheduler_shape_names_and_labels():
+    objects = by_key(render("scheduler"))
+    workload = objects[("Deployment", "qwen-chat-kserve")]
+    assert workload["metadata"]["labels"] == {
+        "app.kubernetes.io/component": "llminferenceservice-workload",
+        "app.kubernetes.io/name": "qwen-chat",
+        "app.kubernetes.io/part-of": "llminferenceservice",
+        "kserve.io/component": "workload",
+        "llm-d.ai/role": "both",
+        "app.kubernetes.io/managed-by": "llmisvc",
+    }
+    assert workload["spec"]["replicas"] == 2
+    scheduler = objects[("Deployment", "qwen-chat-kserve-router-scheduler")]
+    assert scheduler["metadata"]["labels"]["app.kubernetes.io/component"] == \
+        "llminferenceservice-router-scheduler"
+    gateway = main_container(scheduler["spec"]["template"]["spec"])
+    assert gateway["command"] == ["llmisvc", "gateway"]
+    assert ("Service", "qwen-chat-kserve-workload-svc") in objects
+    assert objects[("Service", "qwen-chat-kserve-workload-svc")]["spec"]["ports"][0]["port"] == 8000
+    for key in [("Service", "qwen-chat-epp-service"), ("ServiceAccount", "qwen-chat-epp-sa"),
+                ("Role", "qwen-chat-epp-role"), ("RoleBinding", "qwen-chat-epp-rb"),
+                ("InferencePool", "qwen-chat-inference-pool"), ("HTTPRoute", "qwen-chat-kserve-route")]:
+        assert key in objects, key
+
+
+def test_route_points_at_gateway_service():
+    objects = by_key(render("scheduler"))
+    route = objects[("HTTPRoute", "qwen-chat-kserve-route")]
+    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends == [{"group": "", "kind": "Service", "name": "qwen-chat-epp-service",
+                         "port": 8000, "weight": 1}]
+    assert route["spec"]["parentRefs"][0]["name"] == "kserve-ingress-gateway"
+    paths = [m["path"]["value"] for rule in route["spec"]["rules"] for m in rule["matches"]]
+    assert all(p.startswith("/llm/qwen-chat") for p in paths)
+
+
+def test_no_object_points_at_pool_as_picker():
+    for sample in [p.stem for p in SAMPLES]:
+        for obj in render(sample):
+            text = json.dumps(obj)
+            if obj["kind"] == "InferencePool":
+                assert "endpointPickerRef" not in obj["spec"]
+            if obj["kind"] == "HTTPRoute":
+                assert '"kind": "InferencePool"' not in text
+
+
+def test_inference_pool_selects_both_roles():
+    pool = by_key(render("pd"))[("InferencePool", "llama-pd-inference-pool")]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    selector = pool["spec"]["selector"]["matchLabels"]
+    decode = by_key(render("pd"))[("Deployment", "llama-pd-kserve")]
+    prefill = by_key(render("pd"))[("Deployment", "llama-pd-kserve-prefill")]
+    for deployment in (decode, prefill):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+
+
+def test_no_scheduler_route_uses_workload_service():
+    objects = by_key(render("no-scheduler"))
+    kinds = {kind for kind, _ in objects}
+    assert "InferencePool" not in kinds
+    assert ("Deployment", "smollm2-kserve-router-scheduler") not in objects
+    route = objects[("HTTPRoute", "smollm2-kserve-route")]
+    backends = [b["name"] for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends == ["smollm2-kserve-workload-svc"]
+
+
+def test_pd_decode_pod_runs_sidecar():
+    objects = by_key(render("pd"))
+    decode = objects[("Deployment", "llama-pd-kserve")]
+    pod = decode["spec"]["template"]["spec"]
+    assert decode["metadata"]["labels"]["llm-d.ai/role"] == "decode"
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "llm-d-routing-sidecar")
+    assert sidecar["command"] == ["llmisvc", "sidecar"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["args"][:4] == ["--port", "8000", "--vllm-port", "8001"]
+    engine = main_container(pod)
+    assert engine["ports"][0]["containerPort"] == 8001
+    assert engine["args"][engine["args"].index("--port") + 1] == "8001"
+    assert pod["serviceAccountName"] == "llama-pd-kserve"
+    role = objects[("Role", "llama-pd-kserve-role")]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = objects[("RoleBinding", "llama-pd-kserve-rb")]
+    assert binding["subjects"][0]["name"] == "llama-pd-kserve"
+    assert binding["roleRef"]["name"] == "llama-pd-kserve-role"
+
+
+def test_pd_prefill_workload():
+    prefill = by_key(render("pd"))[("Deployment", "llama-pd-kserve-prefill")]
+    assert prefill["metadata"]["labels"]["app.kubernetes.io/component"] == \
+        "llminferenceservice-workload-prefill"
+    assert prefill["metadata"]["labels"]["llm-d.ai/role"] == "prefill"
+    assert prefill["spec"]["replicas"] == 1
+    engine = main_container(prefill["spec"]["template"]["spec"])
+    assert engine["args"][engine["args"].index("--port") + 1] == "8000"
+
+
+def test_gpu_template_runs_vllm_with_nixl():
+    decode = by_key(render("pd"))[("Deployment", "llama-pd-kserve")]
+    engine = main_container(decode["spec"]["template"]["spec"])
+    assert engine["image"].startswith("vllm/vllm-openai")
+    assert engine["command"] == ["vllm", "serve", "/mnt/models"]
+    args = engine["args"]
+    assert args[args.index("--served-model-name") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert "--enable-prefix-caching" in args
+    config = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert config == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+
+
+def test_cpu_template_runs_builtin_engine():
+    workload = by_key(render("no-scheduler"))[("Deployment", "smollm2-kserve")]
+    engine = main_container(workload["spec"]["template"]["spec"])
+    assert engine["image"].startswith("llmisvc/llmisvc:")
+    assert engine["command"] == ["llmisvc", "builtin"] or engine["command"] == ["llmisvc", "engine"]
+    assert "--kv-transfer-config" not in engine["args"]
+
+
+def test_pvc_model_mounted_read_only():
+    workload = by_key(render("no-scheduler"))[("Deployment", "smollm2-kserve")]
+    pod = workload["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    mount = next(m for m in main_container(pod)["volumeMounts"] if m["name"] == volume["name"])
+    assert mount == {"name": volume["name"], "mountPath": "/mnt/models", "readOnly": True,
+                     "subPath": "smollm2-135m-instruct"}
+    assert "initContainers" not in pod
+
+
+def test_hf_model_downloaded_by_init_container():
+    workload = by_key(render("scheduler"))[("Deployment", "qwen-chat-kserve")]
+    pod = workload["spec"]["template"]["spec"]
+    init = next(c for c in pod["initContainers"] if c["name"] == "storage-initializer")
+    assert init["args"] == ["hf://Qwen/Qwen2.5-7B-Instruct", "/mnt/models"]
+    mount = next(m for m in main_container(pod)["volumeMounts"] if m["mountPath"] == "/mnt/models")
+    assert mount["readOnly"] is True
+
+
+def test_scaling_renders_hpa_without_fixed_replicas():
+    objects = by_key(render("scaling"))
+    hpa = objects[("HorizontalPodAutoscaler", "tiny-scaled-kserve")]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "tiny-scaled-kserve"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+    assert "replicas" not in objects[("Deployment", "tiny-scaled-kserve")]["spec"]
+    init = objects[("Deployment", "tiny-scaled-kserve")]["spec"]["template"]["spec"]["initContainers"]
+    assert init[0]["args"][0] == "s3://models/smollm2-135m-instruct"
+
+
+def test_worker_renders_leader_worker_set():
+    objects = by_key(render("dp-worker"))
+    lws = objects[("LeaderWorkerSet", "deepseek-dp-kserve-mn")]
+    assert ("Deployment", "deepseek-dp-kserve") not in objects
+    template = lws["spec"]["leaderWorkerTemplate"]
+    assert template["size"] == 2
+    leader = template["leaderTemplate"]["metadata"]["labels"]
+    worker = template["workerTemplate"]["metadata"]["labels"]
+    assert leader["app.kubernetes.io/component"] == "llminferenceservice-workload-leader"
+    assert worker["app.kubernetes.io/component"] == "llminferenceservice-workload-worker"
+    args = main_container(template["leaderTemplate"]["spec"])["args"]
+    assert args[args.index("--data-parallel-size") + 1] == "16"
+    assert args[args.index("--data-parallel-size-local") + 1] == "8"
+    assert "--enable-expert-parallel" in args
+
+
+def test_long_name_goes_through_child_name():
+    resource = load_file(HERE / "samples" / "no-scheduler.yaml")[0]
+    long_name = "a" * 60
+    resource.obj["metadata"]["name"] = long_name
+    resource.name = long_name
+    objects = render_manifests(resolve(resource), owner_uid=UID)
+    names = {o["metadata"]["name"] for o in objects}
+    assert child_name(long_name, "-kserve") in names
+    assert child_name(long_name, "-kserve-workload-svc") in names
+    assert all(len(name) <= 63 for name in names)
+
+
+def test_stop_annotation_renders_nothing():
+    resource = load_file(HERE / "samples" / "scheduler.yaml")[0]
+    resource.obj["metadata"]["annotations"] = {"serving.kserve.io/stop": "true"}
+    assert render_manifests(resolve(resource), owner_uid=UID) == []
+
+
+def test_render_cli_kubernetes_target():
+    result = subprocess.run(
+        LLMISVC + ["render", "-f", str(HERE / "samples" / "pd.yaml"), "--target", "kubernetes"],
+        capture_output=True, text=True, timeout=120,
+    )
+    if "invalid choice" in result.stderr or "unrecognized arguments" in result.stderr:
+        pytest.skip("render --target kubernetes is not wired in the render command yet")
+    assert result.returncode == 0, result.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert "Deployment" in kinds
+    assert "HTTPRoute" in kinds
+
+
+def test_validation_rejects_unknown_fields():
+    objects = by_key(render("pd"))
+    deployment = objects[("Deployment", "llama-pd-kserve")]
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    assert validate_object(deployment) != []
+    route = objects[("HTTPRoute", "llama-pd-kserve-route")]
+    route["spec"]["rules"][0]["backendRefs"][0]["prot"] = 8000
+    assert validate_object(route) != []
+    pool = objects[("InferencePool", "llama-pd-inference-pool")]
+    pool["spec"]["targetPorts"] = [{"number": 70000}]
+    assert validate_object(pool) != []
