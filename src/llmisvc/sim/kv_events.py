@@ -68,7 +68,11 @@ class KVEventPublisher:
         self._socket = self._context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, 100_000)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(config.endpoint)
+        # As vLLM does: wildcard addresses are bound, others connected to (a scheduler that binds).
+        if "*" in config.endpoint or "::" in config.endpoint:
+            self._socket.bind(config.endpoint)
+        else:
+            self._socket.connect(config.endpoint)
         self.endpoint = config.endpoint
         self.topic = (config.topic or topic).encode()
         self._block_size = block_size

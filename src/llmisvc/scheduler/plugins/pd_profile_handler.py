@@ -3,8 +3,8 @@
 Parameters:
 - `threshold` (int, default 0): uncached prompt tokens on the decode pick at or above which
   the request gets a prefill leg; 0 splits every request.
-- `hashBlockSize` (int, default 64): characters per block when this handler has to hash the
-  prompt itself (no prefix-cache scorer ran in the decode profile).
+- `hashBlockSize` (int, default 64): accepted for llm-d compatibility; prefix matches come
+  from the prefix-cache scorers, whose own block size applies.
 - `prefillProfile` (str, default `prefill`), `decodeProfile` (str, default `decode`): the
   profile names.
 - `deciderPluginName` (str, default empty): a `prefix-based-pd-decider` plugin whose
@@ -51,6 +51,40 @@ CHARS_PER_TOKEN = 4
 DECISION_KEY = "pd-decision"
 
 
+def _profile(name: str, role_filter: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "plugins": [
+            {"pluginRef": role_filter},
+            {"pluginRef": "utilization-detector"},
+            {"pluginRef": "prefix-cache-scorer", "weight": 2},
+            {"pluginRef": "load-aware-scorer", "weight": 1},
+            {"pluginRef": "max-score-picker"},
+        ],
+    }
+
+
+# Scheduler config for a service with `prefill:` and no `scheduler.config`: a prefill and a
+# decode profile, each with its role filter and the saturation filter, prefix-cache scorer
+# weight 2, load-aware scorer weight 1 and the max-score picker. Every request is split
+# (threshold 0), which is what declaring a prefill pool asks for; a config with a
+# threshold or a prefix-based-pd-decider keeps short prompts on the decode endpoint.
+DEFAULT_PD_CONFIG: dict[str, Any] = {
+    "apiVersion": "llm-d.ai/v1alpha1",
+    "kind": "EndpointPickerConfig",
+    "plugins": [
+        {"type": "pd-profile-handler", "parameters": {"threshold": 0}},
+        {"type": "prefill-filter"},
+        {"type": "decode-filter"},
+        {"type": "utilization-detector"},
+        {"type": "prefix-cache-scorer"},
+        {"type": "load-aware-scorer"},
+        {"type": "max-score-picker"},
+    ],
+    "schedulingProfiles": [_profile("prefill", "prefill-filter"), _profile("decode", "decode-filter")],
+}
+
+
 class PDProfileHandler(Plugin, LifecycleHooks):
     """Decode profile first and primary; prefill profile when uncached tokens reach the bar."""
 
@@ -58,7 +92,7 @@ class PDProfileHandler(Plugin, LifecycleHooks):
     kind = "profile-handler"
     PARAMETERS = (
         Param("threshold", (int,), 0, non_negative, "uncached tokens that trigger a prefill leg (0: always)"),
-        Param("hashBlockSize", (int,), 64, positive, "characters per block when hashing the prompt here"),
+        Param("hashBlockSize", (int,), 64, positive, "accepted for llm-d compatibility"),
         Param("prefillProfile", (str,), "prefill"),
         Param("decodeProfile", (str,), "decode"),
         Param("deciderPluginName", (str,), ""),

@@ -25,9 +25,10 @@ def encode_token(address: str) -> str:
 def decode_token(token: str) -> str | None:
     """Return the address in a session token, or None when it is malformed."""
     try:
-        return base64.urlsafe_b64decode(token.encode() + b"=" * (-len(token) % 4)).decode()
+        address = base64.b64decode(token.encode() + b"=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
+    return address or None
 
 
 class SessionAffinityScorer(Plugin, LifecycleHooks):
