@@ -141,7 +141,11 @@ def resolve(
     config_file = _extract_scheduler_args_config(document["spec"])
 
     document, errors = validate_document(document, resource_schema(SERVICE_KIND, service.version))
-    errors += _check_resolved(document["spec"] if "spec" in document else {})
+    # The resolved checks explain merge-specific problems better, so they replace a plain
+    # "required field is missing" at the same path.
+    resolved_errors = _check_resolved(document.get("spec") or {})
+    replaced = {e.path for e in resolved_errors}
+    errors = [e for e in errors if e.path not in replaced] + resolved_errors
     if errors:
         raise SpecError(errors)
 

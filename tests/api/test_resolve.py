@@ -1,0 +1,244 @@
+"""Resolution: presets by shape, scheduler config extraction, ResolvedService fields."""
+
+import pytest
+
+from spec_factory import MODEL_URI, SHAPE_FILES, dump, minimal_service
+
+from llmisvc.api import SpecError, load_documents, resolve
+from llmisvc.api.presets import load_presets
+
+EPP_CONFIG = """apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: pd-profile-handler
+  parameters:
+    threshold: 0
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+schedulingProfiles:
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: max-score-picker
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: max-score-picker
+"""
+
+
+def _resolve_text(text: str):
+    (resource,) = load_documents(text)
+    return resolve(resource)
+
+
+def _resolve(service: dict):
+    return _resolve_text(dump(service))
+
+
+EXPECTED = {
+    "default-scheduler.yaml": ("scheduler", 3, None, ["kserve-config-llm-template", "kserve-config-llm-scheduler",
+                                                      "kserve-config-llm-router-route"]),
+    "no-scheduler.yaml": ("no-scheduler", 3, None, ["kserve-config-llm-template",
+                                                    "kserve-config-llm-router-route-service"]),
+    "prefill-decode.yaml": ("pd", 1, 2, ["kserve-config-llm-decode-template", "kserve-config-llm-prefill-template",
+                                         "kserve-config-llm-scheduler", "kserve-config-llm-router-route"]),
+}
+
+
+@pytest.mark.parametrize("version", ["v1alpha1", "v1alpha2"])
+@pytest.mark.parametrize("name", SHAPE_FILES)
+def test_example_shapes_resolve(example_text, name, version):
+    resolved = _resolve_text(example_text(name, version))
+    shape, replicas, prefill_replicas, presets = EXPECTED[name]
+    assert resolved.shape == shape
+    assert resolved.replicas == replicas
+    assert resolved.prefill_replicas == prefill_replicas
+    assert resolved.applied_presets == presets
+    assert resolved.model_uri == MODEL_URI
+    assert resolved.main_container["name"] == "main"
+    assert resolved.scheduler_config is None
+    assert resolved.obj["apiVersion"] == f"serving.kserve.io/{version}"
+
+
+def test_pd_roles_labelled(example_text):
+    resolved = _resolve_text(example_text("prefill-decode.yaml"))
+    assert resolved.labels == {"llm-d.ai/role": "decode"}
+    assert resolved.spec["prefill"]["labels"] == {"llm-d.ai/role": "prefill"}
+    assert resolved.prefill_container["name"] == "main"
+
+
+def test_user_resources_kept_over_preset():
+    service = minimal_service(template={"containers": [{"name": "main", "resources": {"requests": {"cpu": "500m"}}}]},
+                              prefill={"template": {"containers": [{"name": "main", "resources": {
+                                  "limits": {"memory": "4Gi"}}}]}})
+    resolved = _resolve(service)
+    assert resolved.main_container["resources"] == {"requests": {"cpu": "500m"}}
+    assert resolved.main_container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert resolved.prefill_container["resources"] == {"limits": {"memory": "4Gi"}}
+    assert resolved.prefill_replicas == 1
+
+
+def test_no_router_is_no_scheduler_shape():
+    resolved = _resolve(minimal_service())
+    assert resolved.shape == "no-scheduler"
+    assert resolved.applied_presets == ["kserve-config-llm-template"]
+    assert resolved.replicas is None
+    assert resolved.criticality == "Standard"
+
+
+def test_v1alpha1_criticality():
+    service = minimal_service("v1alpha1")
+    service["spec"]["model"]["criticality"] = "Sheddable"
+    assert _resolve(service).criticality == "Sheddable"
+
+
+def test_pool_ref_skips_scheduler_preset():
+    resolved = _resolve(minimal_service(router={"scheduler": {"pool": {"ref": {"name": "existing"}}}, "route": {}}))
+    assert "kserve-config-llm-scheduler" not in resolved.applied_presets
+    assert resolved.shape == "scheduler"
+
+
+def test_route_refs_skip_route_preset():
+    resolved = _resolve(minimal_service(router={"route": {"http": {"refs": [{"name": "my-route"}]}}}))
+    assert resolved.applied_presets == ["kserve-config-llm-template"]
+
+
+def test_data_parallel_selects_worker_preset():
+    resolved = _resolve(minimal_service(parallelism={"data": 4, "dataLocal": 2},
+                                        prefill={"replicas": 1, "parallelism": {"data": 2}}))
+    assert "kserve-config-llm-worker-data-parallel" in resolved.applied_presets
+    assert "kserve-config-llm-prefill-worker-data-parallel" in resolved.applied_presets
+    assert resolved.spec["worker"]["containers"][0]["name"] == "main"
+
+
+def test_route_preset_rendered_with_pool_backend():
+    resolved = _resolve(minimal_service(name="chat", router={"scheduler": {}, "route": {}}))
+    rule = resolved.spec["router"]["route"]["http"]["spec"]["rules"][0]
+    assert rule["matches"][0]["path"]["value"] == "/default/chat/v1"
+    assert rule["backendRefs"][0]["name"] == "chat-inference-pool"
+    assert rule["backendRefs"][0]["kind"] == "InferencePool"
+
+
+def _pd_with_scheduler_args(args: list[str]) -> dict:
+    return minimal_service(replicas=1, prefill={"replicas": 1}, router={
+        "route": {}, "gateway": {},
+        "scheduler": {"template": {"containers": [{"name": "main", "args": args}]}},
+    })
+
+
+@pytest.mark.parametrize("flag", ["--config-text", "--configText"])
+def test_config_text_arg_recognised(flag):
+    resolved = _resolve(_pd_with_scheduler_args(["--pool-name", "x", flag, EPP_CONFIG, "--v", "4"]))
+    assert resolved.scheduler_config["plugins"][0] == {"type": "pd-profile-handler", "parameters": {"threshold": 0}}
+    args = resolved.spec["router"]["scheduler"]["template"]["containers"][0]["args"]
+    assert args == ["--pool-name", "x", "--v", "4"]
+    assert resolved.spec["router"]["scheduler"]["config"]["inline"] == resolved.scheduler_config
+
+
+@pytest.mark.parametrize("flag", ["--config-text", "--configText"])
+def test_config_text_equals_form_recognised(flag):
+    resolved = _resolve(_pd_with_scheduler_args([f"{flag}={EPP_CONFIG}"]))
+    assert resolved.scheduler_config["kind"] == "EndpointPickerConfig"
+    assert resolved.spec["router"]["scheduler"]["template"]["containers"][0]["args"] == []
+
+
+def test_config_text_not_duplicated_in_render():
+    resolved = _resolve(_pd_with_scheduler_args(["--config-text", EPP_CONFIG]))
+    rendered = dump(resolved.obj)
+    assert rendered.count("pd-profile-handler") == 1
+    assert "--config-text" not in rendered
+
+
+def test_config_text_twice_rejected():
+    with pytest.raises(SpecError) as info:
+        _resolve(_pd_with_scheduler_args(["--config-text", EPP_CONFIG, "--configText", EPP_CONFIG]))
+    assert info.value.errors[0].path == "spec.router.scheduler.config"
+
+
+def test_config_text_and_inline_rejected():
+    service = _pd_with_scheduler_args(["--config-text", EPP_CONFIG])
+    service["spec"]["router"]["scheduler"]["config"] = {"inline": {"plugins": []}}
+    with pytest.raises(SpecError) as info:
+        _resolve(service)
+    assert "more than once" in str(info.value)
+
+
+def test_config_text_invalid_yaml_rejected():
+    with pytest.raises(SpecError) as info:
+        _resolve(_pd_with_scheduler_args(["--config-text", "plugins: [unclosed"]))
+    assert info.value.errors[0].path == "spec.router.scheduler.template.containers[0].args[0]"
+
+
+def test_config_text_missing_value_rejected():
+    with pytest.raises(SpecError) as info:
+        _resolve(_pd_with_scheduler_args(["--config-text"]))
+    assert "needs a value" in str(info.value)
+
+
+def test_config_file_arg_kept_and_reported():
+    resolved = _resolve(_pd_with_scheduler_args(["--config-file", "/etc/epp/config.yaml"]))
+    assert resolved.scheduler_config is None
+    assert resolved.scheduler_config_file == "/etc/epp/config.yaml"
+    assert resolved.spec["router"]["scheduler"]["template"]["containers"][0]["args"] == [
+        "--config-file", "/etc/epp/config.yaml"]
+
+
+def test_inline_config_passed_through():
+    resolved = _resolve(minimal_service(router={"scheduler": {"config": {"inline": {"plugins": [{"type": "queue-scorer"}]}}}}))
+    assert resolved.scheduler_config == {"plugins": [{"type": "queue-scorer"}]}
+
+
+def test_config_ref_exposed():
+    resolved = _resolve(minimal_service(router={"scheduler": {"config": {"ref": {"name": "epp", "key": "c.yaml"}}}}))
+    assert resolved.scheduler_config is None
+    assert resolved.scheduler_config_ref == {"name": "epp", "key": "c.yaml"}
+
+
+def test_stop_annotation():
+    service = minimal_service()
+    service["metadata"]["annotations"] = {"serving.kserve.io/stop": "true"}
+    assert _resolve(service).stopped
+    assert not _resolve(minimal_service()).stopped
+
+
+def test_volume_mount_without_volume_rejected():
+    service = minimal_service(template={"containers": [{"name": "main", "volumeMounts": [
+        {"name": "models", "mountPath": "/models"}]}]})
+    with pytest.raises(SpecError) as info:
+        _resolve(service)
+    assert [e.path for e in info.value.errors] == ["spec.template.containers[0].volumeMounts[2].name"]
+
+
+def test_main_container_required():
+    replacement = load_documents(dump({
+        "apiVersion": "serving.kserve.io/v1alpha2", "kind": "LLMInferenceServiceConfig",
+        "metadata": {"name": "kserve-config-llm-template"}, "spec": {"template": {"containers": [{"name": "other"}]}},
+    }))[0]
+    (resource,) = load_documents(dump(minimal_service()))
+    with pytest.raises(SpecError) as info:
+        resolve(resource, {"kserve-config-llm-template": replacement})
+    assert info.value.errors[0].path == "spec.template.containers"
+
+
+def test_applied_configs_for_status():
+    resolved = _resolve(minimal_service(router={"route": {}}))
+    assert resolved.applied_configs() == [
+        {"name": "kserve-config-llm-template", "namespace": "default", "source": "Preset"},
+        {"name": "kserve-config-llm-router-route-service", "namespace": "default", "source": "Preset"},
+    ]
+
+
+def test_presets_are_valid_configs():
+    presets = load_presets()
+    assert len(presets) == 8
+    assert all(p.kind == "LLMInferenceServiceConfig" for p in presets.values())
+
+
+def test_resolve_refuses_config_kind():
+    (resource,) = load_documents(dump({
+        "apiVersion": "serving.kserve.io/v1alpha2", "kind": "LLMInferenceServiceConfig",
+        "metadata": {"name": "c"}, "spec": {}}))
+    with pytest.raises(SpecError):
+        resolve(resource)
