@@ -73,6 +73,11 @@ class ModelConfig:
             rope_scaling = rope_parameters
         _check_rope_scaling(rope_scaling)
         rope_theta = config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+        if config.get("use_sliding_window") and config.get("sliding_window"):
+            raise UnsupportedModelError(
+                f"unsupported sliding-window attention (sliding_window={config['sliding_window']}) in "
+                f"{architecture}; the built-in engine implements full attention only"
+            )
 
         num_heads = int(config["num_attention_heads"])
         hidden_size = int(config["hidden_size"])

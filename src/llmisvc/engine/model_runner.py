@@ -125,7 +125,6 @@ class ModelRunner:
 
     # -- stepping -------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:
         """Run one forward step and return float32 logits `[len(inputs), vocab]` on the CPU.
 
@@ -136,6 +135,13 @@ class ModelRunner:
         """
         if not inputs:
             raise ValueError("execute() needs at least one StepInput")
+        with torch.inference_mode():
+            logits = self._execute(inputs)
+        # Cloning outside inference mode returns an ordinary tensor that callers (samplers)
+        # may modify in place; the copy is [batch, vocab] floats.
+        return logits.clone()
+
+    def _execute(self, inputs: list[StepInput]) -> torch.Tensor:
         states = [self._prepare(entry) for entry in inputs]
 
         # Single-token entries go first as one padded decode batch, ordered by slot so that
