@@ -1,0 +1,260 @@
+"""The simulated engine over real HTTP: OpenAI surface, caching, latency model, PD, failures."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import msgpack
+import openai
+import pytest
+import requests
+import zmq
+
+from support import free_port, start, stop, wait_http
+
+pytestmark = pytest.mark.e2e
+
+
+def _start_sim(tmp_path, name, *flags):
+    port = free_port()
+    process = start(["sim", "--port", str(port), "--served-model-name", "sim", *flags], tmp_path / f"{name}.log")
+    wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
+    return process, port
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory):
+    """Two replicas in one process (ports P and P+1) publishing KV events, fast latency."""
+    tmp = tmp_path_factory.mktemp("sim")
+    port = free_port()
+    while True:
+        second = port + 1
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", second))
+                break
+            except OSError:
+                port = free_port()
+    events_port = free_port()
+    events = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"})
+    process = start(
+        ["sim", "--port", str(port), "--replicas", "2", "--served-model-name", "sim", "--max-num-seqs", "2",
+         "--ttft-overhead-ms", "5", "--prefill-ms-per-token", "0.5", "--itl-ms", "2", "--kv-events-config", events,
+         "--seed", "7"],
+        tmp / "sims.log",
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
+    wait_http(f"http://127.0.0.1:{second}/health", timeout=60, process=process)
+    yield port, second, events_port
+    stop(process)
+
+
+def _client(port):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+
+
+def test_completion_usage_and_prefix_cache(sims):
+    port, _, _ = sims
+    client = _client(port)
+    prompt = "cache me please " * 13  # 208 characters = 52 tokens = 3 full blocks
+    first = client.completions.create(model="sim", prompt=prompt, max_tokens=7)
+    second = client.completions.create(model="sim", prompt=prompt, max_tokens=7)
+    assert first.usage.prompt_tokens == 52
+    assert first.usage.completion_tokens == 7
+    assert first.choices[0].finish_reason == "length"
+    assert len(first.choices[0].text) == 28
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 48
+
+
+def test_chat_streaming_with_usage(sims):
+    port, _, _ = sims
+    stream = _client(port).chat.completions.create(
+        model="sim",
+        messages=[{"role": "user", "content": "stream please " * 10}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) == 5
+    assert chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_seeded_output_is_deterministic(sims):
+    port, _, _ = sims
+    client = _client(port)
+    texts = {client.completions.create(model="sim", prompt="x", max_tokens=8, seed=42).choices[0].text for _ in range(3)}
+    assert len(texts) == 1
+
+
+def test_metrics_use_vllm_names(sims):
+    port, _, _ = sims
+    _client(port).completions.create(model="sim", prompt="metrics " * 20, max_tokens=2)
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:cache_config_info",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+    ):
+        assert name in text, name
+
+
+def test_errors_match_openai(sims):
+    port, _, _ = sims
+    client = _client(port)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="sim", prompt="x", temperature=-1)
+    assert info.value.body["param"] == "temperature"
+
+
+def test_tokenize_counts_four_chars(sims):
+    port, _, _ = sims
+    body = requests.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "abcdefghi"}, timeout=5).json()
+    assert body["count"] == 3
+
+
+def test_queueing_beyond_max_num_seqs(sims):
+    port, _, _ = sims
+    import concurrent.futures
+
+    client = _client(port)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client.completions.create, model="sim", prompt=f"{i} long", max_tokens=300) for i in range(4)]
+        deadline = time.monotonic() + 20
+        waiting_seen = 0.0
+        while time.monotonic() < deadline and waiting_seen < 2:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            line = next(l for l in text.splitlines() if l.startswith("vllm:num_requests_waiting"))
+            waiting_seen = max(waiting_seen, float(line.split()[-1]))
+            time.sleep(0.02)
+        for future in futures:
+            future.result()
+    assert waiting_seen == 2
+
+
+def test_cached_prompt_has_shorter_ttft(sims):
+    port, _, _ = sims
+    prompt = "latency model " * 200  # 700 tokens at 0.5 ms each: about 350 ms uncached
+
+    def ttft():
+        started = time.monotonic()
+        stream = _client(port).completions.create(model="sim", prompt=prompt, max_tokens=2, stream=True)
+        next(iter(stream))
+        elapsed = time.monotonic() - started
+        for _ in stream:
+            pass
+        return elapsed
+
+    cold = ttft()
+    warm = ttft()
+    assert cold > 0.3
+    assert warm < cold / 2
+
+
+def test_kv_events_published(sims):
+    port, _, events_port = sims
+    context = zmq.Context.instance()
+    socket_ = context.socket(zmq.SUB)
+    socket_.setsockopt(zmq.SUBSCRIBE, b"kv@")
+    socket_.connect(f"tcp://127.0.0.1:{events_port}")
+    try:
+        deadline = time.monotonic() + 20
+        stored = []
+        while time.monotonic() < deadline and not stored:
+            _client(port).completions.create(model="sim", prompt=f"events {time.monotonic()} " * 20, max_tokens=1)
+            if socket_.poll(500):
+                topic, seq, payload = socket_.recv_multipart()
+                batch = msgpack.unpackb(payload)
+                stored = [e for e in batch[1] if e[0] == "BlockStored"]
+        assert topic.decode() == f"kv@127.0.0.1:{port}@sim"
+        assert len(seq) == 8
+        assert stored and stored[0][4] == 16
+        assert len(stored[0][3]) == 16 * len(stored[0][1])
+    finally:
+        socket_.close(0)
+
+
+def test_kv_transfer_between_replicas(sims):
+    prefill_port, decode_port, _ = sims
+    prompt = "disaggregated prefill " * 20
+    prefill = requests.post(
+        f"http://127.0.0.1:{prefill_port}/v1/completions",
+        json={"model": "sim", "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}},
+        timeout=30,
+    ).json()
+    params = prefill["kv_transfer_params"]
+    assert params["do_remote_prefill"] is True
+    assert params["remote_port"] == prefill_port
+    assert len(params["remote_block_ids"]) == len(prompt) // 4 // 16
+    assert requests.get(f"http://127.0.0.1:{prefill_port}/sim/state", timeout=5).json()["held_transfers"] >= 1
+
+    decode = requests.post(
+        f"http://127.0.0.1:{decode_port}/v1/completions",
+        json={"model": "sim", "prompt": prompt, "max_tokens": 4, "kv_transfer_params": params},
+        timeout=30,
+    ).json()
+    assert decode["usage"]["completion_tokens"] == 4
+    metrics = requests.get(f"http://127.0.0.1:{decode_port}/metrics", timeout=5).text
+    transferred = next(l for l in metrics.splitlines() if l.startswith("sim:kv_transfer_tokens_total"))
+    assert float(transferred.split()[-1]) > 0
+    deadline = time.monotonic() + 10
+    while requests.get(f"http://127.0.0.1:{prefill_port}/sim/state", timeout=5).json()["held_transfers"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert requests.get(f"http://127.0.0.1:{prefill_port}/sim/state", timeout=5).json()["held_transfers"] == 0
+
+
+def test_echo_mode(tmp_path):
+    process, port = _start_sim(tmp_path, "echo", "--echo")
+    try:
+        client = _client(port)
+        started = time.monotonic()
+        completion = client.completions.create(model="sim", prompt="say exactly this")
+        chat = client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "chat echo"}])
+        assert completion.choices[0].text == "say exactly this"
+        assert chat.choices[0].message.content == "chat echo"
+        assert time.monotonic() - started < 5
+    finally:
+        stop(process)
+
+
+def test_failure_injection_kinds(tmp_path):
+    process, port = _start_sim(tmp_path, "failing", "--failure-rate", "1", "--failure-types", "500,drop,hang,cut", "--itl-ms", "1")
+    seen = set()
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        for i in range(24):
+            body = {"model": "sim", "prompt": f"fail {i}", "max_tokens": 6, "stream": True}
+            try:
+                response = requests.post(url, json=body, timeout=1.5, stream=True)
+                if response.status_code == 500:
+                    seen.add("500")
+                    continue
+                data = b"".join(response.iter_content(None))
+                if b"[DONE]" not in data:
+                    seen.add("cut")
+            except requests.exceptions.ReadTimeout:
+                seen.add("hang")
+            except requests.exceptions.ConnectionError as exc:
+                seen.add("hang" if "timed out" in str(exc) else "drop")
+            except requests.exceptions.ChunkedEncodingError:
+                seen.add("cut")
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    finally:
+        stop(process)
+    assert seen == {"500", "drop", "hang", "cut"}
+    assert "sim:failures_injected_total" in metrics
