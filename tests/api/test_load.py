@@ -205,10 +205,10 @@ INVALID = [
      "spec.template.containers[0].args", "must be list, got string"),
     ("invalid cpu quantity", _with("spec.template", {"containers": [{"name": "main", "resources": {
         "limits": {"cpu": "two"}}}]}),
-     "spec.template.containers[0].resources.limits.cpu", "invalid quantity"),
+     "spec.template.containers[0].resources.limits[cpu]", "invalid quantity"),
     ("request above limit", _with("spec.template", {"containers": [{"name": "main", "resources": {
         "requests": {"cpu": "2"}, "limits": {"cpu": "1"}}}]}),
-     "spec.template.containers[0].resources.requests.cpu", "must be <= limits.cpu"),
+     "spec.template.containers[0].resources.requests[cpu]", "must be <= limits.cpu"),
     ("duplicate mountPath", _with("spec.template", {"containers": [{"name": "main", "volumeMounts": [
         {"name": "a", "mountPath": "/m"}, {"name": "b", "mountPath": "/m"}]}]}),
      "spec.template.containers[0].volumeMounts[1].mountPath", "duplicate mountPath"),
@@ -228,8 +228,8 @@ INVALID = [
      "spec.router.gateway.refs", "must be list"),
     ("baseRef duplicate", _with("spec.baseRefs", [{"name": "a"}, {"name": "a"}]), "spec.baseRefs[1].name", "duplicate"),
     ("baseRef missing name", _with("spec.baseRefs", [{}]), "spec.baseRefs[0].name", "required"),
-    ("labels value wrong type", _with("spec.labels", {"team": 5}), "spec.labels.team", "must be string"),
-    ("label value too long", _with("spec.labels", {"team": "x" * 64}), "spec.labels.team", "invalid label value"),
+    ("labels value wrong type", _with("spec.labels", {"team": 5}), "spec.labels[team]", "must be string"),
+    ("label value too long", _with("spec.labels", {"team": "x" * 64}), "spec.labels[team]", "invalid label value"),
     ("metadata name uppercase", _with("metadata.name", "MyModel"), "metadata.name", "DNS-1123 label"),
     ("metadata name underscore", _with("metadata.name", "my_model"), "metadata.name", "DNS-1123 label"),
     ("metadata name too long", _with("metadata.name", "a" * 64), "metadata.name", "at most 63"),

@@ -33,5 +33,6 @@ def parse_quantity(value: str | int | float) -> Decimal:
         if suffix in _DECIMAL:
             return base * _DECIMAL[suffix]
         return base * (Decimal(10) ** int(suffix[1:]))
-    except InvalidOperation as exc:
-        raise ValueError(f"invalid quantity {value!r}") from exc
+    except (InvalidOperation, ArithmeticError) as exc:
+        # Exponents beyond Decimal's range raise Overflow, an ArithmeticError.
+        raise ValueError(f"invalid quantity {value!r}: number out of range") from exc

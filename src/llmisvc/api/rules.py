@@ -74,10 +74,10 @@ def check_labels(labels: AnyValue, path: str, errors: list[FieldError]) -> None:
         prefix, _, name = key.rpartition("/")
         if (prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix))) or \
                 len(name) > MAX_NAME_LENGTH or not LABEL_NAME.match(name):
-            errors.append(FieldError(f"{path}.{key}", "invalid label key: use [prefix/]name with a "
+            errors.append(FieldError(f"{path}[{key}]", "invalid label key: use [prefix/]name with a "
                                                       "name of at most 63 alphanumerics, '-', '_' or '.'"))
         if isinstance(value, str) and (len(value) > MAX_NAME_LENGTH or not LABEL_VALUE.match(value)):
-            errors.append(FieldError(f"{path}.{key}", f"invalid label value {value!r}: at most 63 "
+            errors.append(FieldError(f"{path}[{key}]", f"invalid label value {value!r}: at most 63 "
                                                       "alphanumerics, '-', '_' or '.'"))
 
 
@@ -262,7 +262,7 @@ def _check_resources(resources: dict, path: str, errors: list[FieldError]) -> No
             continue
         try:
             if parse_quantity(request) > parse_quantity(limits[name]):
-                errors.append(FieldError(f"{path}.requests.{name}",
+                errors.append(FieldError(f"{path}.requests[{name}]",
                                          f"must be <= limits.{name} ({limits[name]}), got {request}"))
         except (ValueError, TypeError):
             continue  # already reported as an invalid quantity

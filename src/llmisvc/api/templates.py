@@ -17,6 +17,7 @@ import re
 from typing import Any as AnyValue
 
 from llmisvc.api.errors import FieldError, SpecError
+from llmisvc.api.validate import field_path
 
 MAX_NAME_LENGTH = 63
 MD5_HEX_LENGTH = 32
@@ -138,7 +139,7 @@ def _render(value: AnyValue, context: TemplateContext, path: str, errors: list[F
             errors.append(FieldError(path, str(message)))
             return value
     if isinstance(value, dict):
-        return {k: _render(v, context, f"{path}.{k}" if path else str(k), errors) for k, v in value.items()}
+        return {k: _render(v, context, field_path(path, str(k)), errors) for k, v in value.items()}
     if isinstance(value, list):
         return [_render(v, context, f"{path}[{i}]", errors) for i, v in enumerate(value)]
     return value

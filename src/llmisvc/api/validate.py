@@ -10,6 +10,8 @@ an InferencePool `spec` and `ref` together or `scaling` beside `replicas`.
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from typing import Any as AnyValue
 
 from llmisvc.api import rules
@@ -19,6 +21,21 @@ from llmisvc.api.schema import (
     ANY, ARRAY, BOOLEAN, INT_OR_STRING, INTEGER, MAP, NUMBER, OBJECT, STRING, Node,
 )
 
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def field_path(path: str, key: str) -> str:
+    """Return the path of object field `key` under `path`, quoting names that are not identifiers."""
+    if not _IDENTIFIER.match(key):
+        return f"{path}[{json.dumps(key)}]" if path else f"[{json.dumps(key)}]"
+    return f"{path}.{key}" if path else key
+
+
+def map_key_path(path: str, key: str) -> str:
+    """Return the path of map entry `key` under `path`, as `spec.labels[llm-d.ai/role]`."""
+    return f"{path}[{key}]"
 
 
 def type_of(value: AnyValue) -> str:
@@ -86,7 +103,7 @@ def check_structure(value: AnyValue, node: Node, path: str, errors: list[FieldEr
             if not isinstance(key, str):
                 errors.append(FieldError(path, f"keys must be strings, got {type_of(key)} {key!r}"))
                 continue
-            cleaned[key] = check_structure(item, node.value, f"{path}.{key}", errors)
+            cleaned[key] = check_structure(item, node.value, map_key_path(path, key), errors)
         return cleaned
 
     _check_scalar(value, node, path, errors)
@@ -96,24 +113,25 @@ def check_structure(value: AnyValue, node: Node, path: str, errors: list[FieldEr
 def _check_object(value: dict, node: Node, path: str, errors: list[FieldError]) -> dict:
     cleaned = {}
     for key, item in value.items():
-        field_path = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str):
             errors.append(FieldError(path or DOCUMENT, f"field names must be strings, got {type_of(key)} {key!r}"))
             continue
         child = node.fields.get(key)
+        child_path = field_path(path, key)
         if child is None:
             if node.open_fields:
                 cleaned[key] = item
                 continue
-            errors.append(FieldError(field_path, _unknown_field_reason(key, node)))
+            errors.append(FieldError(child_path, _unknown_field_reason(key, node)))
             continue
         if item is None:
             continue
-        cleaned[key] = check_structure(item, child, field_path, errors)
+        cleaned[key] = check_structure(item, child, child_path, errors)
 
     for name in sorted(node.required):
-        if name not in cleaned and not any(e.path == (f"{path}.{name}" if path else name) for e in errors):
-            errors.append(FieldError(f"{path}.{name}" if path else name, "required field is missing"))
+        required_path = field_path(path, name)
+        if name not in cleaned and not any(e.path == required_path for e in errors):
+            errors.append(FieldError(required_path, "required field is missing"))
     return cleaned
 
 
