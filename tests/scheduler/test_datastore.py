@@ -116,10 +116,13 @@ def test_precise_scorer_follows_kv_events(sim_with_events):
     scheduler = Scheduler.from_config(config, datastore=datastore, model_name="m")
     scorer = scheduler.plugins["precise-prefix-cache-scorer"]
     try:
-        prompt = "precise routing prompt " * 30  # 690 chars = 173 tokens = 10 full blocks
         deadline = time.monotonic() + 20
-        # ZMQ drops messages sent before the subscription is connected; retry until one lands.
+        attempt = 0
+        # ZMQ drops messages sent before the subscription is connected, and a cached prompt
+        # is not stored again, so each attempt uses a new prompt until one's events land.
         while scorer.index.blocks(address) == 0 and time.monotonic() < deadline:
+            attempt += 1
+            prompt = f"{attempt:04d} precise routing prompt " * 30  # 840 chars = 210 tokens = 13 full blocks
             requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 1}, timeout=10)
             time.sleep(0.2)
         result = scheduler.schedule(SchedulingRequest("r", "m", prompt_text=prompt))
