@@ -125,10 +125,13 @@ def resolve(
     shipped = preset_data.load_presets()
     preset_layers = [(configs.get(name) or shipped[name]).spec for name in preset_names]
 
-    spec = merge_layers(preset_layers + base_layers + [service.spec])
-    spec.pop("baseRefs", None)
+    merged = merge_layers(preset_layers + base_layers + [service.spec])
+    merged.pop("baseRefs", None)
     if service.spec.get("baseRefs"):
-        spec["baseRefs"] = copy.deepcopy(service.spec["baseRefs"])
+        merged["baseRefs"] = copy.deepcopy(service.spec["baseRefs"])
+    # The service's own fields come first, in its order, so `render` reads like the input.
+    spec = {key: merged[key] for key in service.spec if key in merged}
+    spec.update((key, value) for key, value in merged.items() if key not in spec)
 
     metadata = copy.deepcopy(service.obj.get("metadata") or {})
     metadata.setdefault("namespace", service.namespace or DEFAULT_NAMESPACE)
