@@ -187,7 +187,10 @@ def test_replica_killed_mid_stream(gateway, tmp_path):
 
 def test_retry_on_5xx_and_connect_failure(gateway, sims):
     def failing(connection: BackendConnection) -> bool:
-        connection.send_json(500, {"error": {"message": "engine failed", "type": "internal_server_error", "code": 500}})
+        if connection.request.path == "/health":
+            connection.send_json(200, {})
+        else:
+            connection.send_json(500, {"error": {"message": "engine failed", "type": "internal_server_error", "code": 500}})
         return True
 
     backend = ScriptedBackend(failing)
@@ -199,7 +202,7 @@ def test_retry_on_5xx_and_connect_failure(gateway, sims):
             response = requests.post(gateway.url + "/default/retry/v1/completions", json={"model": "echo", "prompt": "ok"}, timeout=10)
             assert response.status_code == 200
             assert response.headers["x-llmisvc-endpoint"] == sims.addresses[0]
-        assert backend.requests, "the failing endpoint was never tried"
+        assert [r for r in backend.requests if r.path == "/v1/completions"], "the failing endpoint was never tried"
         assert gateway.metric("llmisvc_gateway_retries_total", model="retry5") > retries_before
 
         gateway.put_service("refused", {**no_scheduler_entry("echo", [dead, sims.addresses[1]]), "model": "refused"})

@@ -55,6 +55,7 @@ class HealthProber:
         if endpoint.healthy == healthy:
             return
         endpoint.healthy = healthy
+        service.sync_endpoint(endpoint)
         state = "healthy" if healthy else "unhealthy"
         logger.warning(
             "endpoint %s of %s/%s is %s: %s", endpoint.address, service.namespace, service.name, state, reason

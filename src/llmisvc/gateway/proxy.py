@@ -6,6 +6,8 @@ routing and credential headers removed, `x-request-id` set, the engine API key a
 the client from the protocol callback that parsed them (no task switch, no copy, no
 re-chunking of SSE events); a 3xx/4xx response is collected and sent with a fresh
 Content-Length; a 5xx head with retries left ends the attempt without a byte to the client.
+The one rewrite is prefill/decode's usage filter: SSE events carrying `usage` are re-encoded
+by it, and a JSON body it changes is collected and sent with a recomputed Content-Length.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 from llmisvc.protocol import headers as h
 
 from .metrics import ModelMetrics
+from .pd import UsageRewriter
 from .server import ClientConnection, Request
 from .stream_meter import BodyMeter, StreamMeter
 from .upstream import UpstreamConnection, UpstreamError
@@ -104,7 +107,8 @@ class Relay:
         "_request_id",
         "_metrics",
         "_start",
-        "_stream",
+        "_rewriter",
+        "_extra_headers",
         "_connection",
         "_may_retry",
         "_endpoint",
@@ -119,6 +123,7 @@ class Relay:
         "stream_meter",
         "body_meter",
         "last_bytes",
+        "sent",
     )
 
     def __init__(
@@ -128,14 +133,16 @@ class Relay:
         request_id: bytes,
         metrics: ModelMetrics,
         start: float,
-        stream: bool,
+        rewriter: UsageRewriter | None = None,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ):
         self._client = client
         self._loop = loop
         self._request_id = request_id
         self._metrics = metrics
         self._start = start
-        self._stream = stream
+        self._rewriter = rewriter
+        self._extra_headers = extra_headers or []
         self._connection: UpstreamConnection | None = None
         self._may_retry = False
         self._endpoint = b""
@@ -150,6 +157,8 @@ class Relay:
         self.stream_meter: StreamMeter | None = None
         self.body_meter: BodyMeter | None = None
         self.last_bytes = b"\n\n"
+        # Whether any attempt's request was written to an endpoint.
+        self.sent = False
 
     def begin(self, connection: UpstreamConnection, endpoint: str, may_retry: bool) -> asyncio.Future:
         """Start an attempt on `connection`; return the future of its outcome."""
@@ -157,6 +166,7 @@ class Relay:
         self._endpoint = endpoint.encode()
         self._may_retry = may_retry
         self._buffer = None
+        self.sent = True
         self.outcome = self._loop.create_future()
         return self.outcome
 
@@ -187,9 +197,11 @@ class Relay:
             out.append((name, value))
         out.append((_REQUEST_ID, self._request_id))
         out.append((_ENDPOINT, self._endpoint))
+        out.extend(self._extra_headers)
         self.status = status
 
-        if status >= 300 and (content_length is None or int(content_length) <= _MAX_BUFFERED_ERROR):
+        rewrite_json = self._rewriter is not None and not self.is_sse and status < 300
+        if rewrite_json or (status >= 300 and (content_length is None or int(content_length) <= _MAX_BUFFERED_ERROR)):
             self._status = status
             self._headers = out
             self._buffer = []
@@ -197,6 +209,8 @@ class Relay:
             return
 
         length = int(content_length) if content_length is not None and content_length.isdigit() else None
+        if self._rewriter is not None:
+            length = None
         self._client.start(status, out, length)
         self.head_sent = True
         if self.is_sse and status < 300:
@@ -213,9 +227,13 @@ class Relay:
         if buffer is not None:
             buffer.append(data)
             self._buffer_size += len(data)
-            if self._buffer_size > _MAX_BUFFERED_ERROR:
+            if self._buffer_size > _MAX_BUFFERED_ERROR and self._rewriter is None:
                 self._flush_buffer_as_stream()
             return
+        if self._rewriter is not None:
+            data = self._rewriter.feed(data)
+            if not data:
+                return
         self._client.write(data)
         if self.stream_meter is not None:
             self.last_bytes = data[-2:]
@@ -228,9 +246,20 @@ class Relay:
         if self._buffer is not None:
             body = b"".join(self._buffer)
             self._buffer = None
+            if self._rewriter is not None and self._status < 300:
+                body = self._rewriter.rewrite_json(body)
+                if self.body_meter is None:
+                    self.body_meter = BodyMeter()
+                self.body_meter.feed(body)
             self._client.send(self._status, self._headers, body)
             self.head_sent = True
         else:
+            if self._rewriter is not None:
+                rest = self._rewriter.flush()
+                if rest:
+                    self._client.write(rest)
+                    if self.stream_meter is not None:
+                        self.stream_meter.feed(rest, self._loop.time())
             self._client.finish()
         self._resolve(DONE)
 
@@ -243,6 +272,7 @@ class Relay:
         self._resolve(error)
 
     def _flush_buffer_as_stream(self) -> None:
+        # A long error body is relayed as it comes instead of being held in memory.
         buffer, self._buffer = self._buffer, None
         self._client.start(self._status, self._headers, None)
         self.head_sent = True

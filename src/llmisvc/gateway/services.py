@@ -9,6 +9,10 @@ A service entry (the admin API's JSON and the `--config` file's items) is:
      "max_concurrency": int, "max_queue": int, "queue_timeout": float}
 
 The last three are optional and default to the gateway's command-line values.
+
+Shapes `scheduler` and `pd` pick through `llmisvc.scheduler` (the service's own Datastore,
+scraped with the engine API key, and a Scheduler built from `scheduler_config`, None giving
+the shape's default profile); `no-scheduler` uses the gateway's round robin.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmisvc.protocol.errors import BadRequestError
+from llmisvc.scheduler import ConfigError, Datastore, EndpointSpec, Scheduler, SchedulerMetrics
+from llmisvc.scheduler.metrics_scrape import ScrapeError
 
 from .admission import Admission, LEVEL_NAMES, parse_criticality
 from .metrics import GatewayMetrics, ModelMetrics
-from .upstream import EndpointPool
+from .upstream import EndpointPool, UpstreamError, fetch
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +101,49 @@ class Service:
         self._gateway_metrics = metrics
         self._next = 0
         self.in_flight = 0
+        # Set for the scheduler and pd shapes; the scrape task is owned by this service.
+        self.scheduler: Scheduler | None = None
+        self.datastore: Datastore | None = None
+        self._scrape_task: asyncio.Task | None = None
+
+    @property
+    def key(self) -> str:
+        """The `namespace/name` form used in logs and scheduler metrics."""
+        return f"{self.namespace}/{self.name}"
+
+    def sync_endpoint(self, endpoint: Endpoint) -> None:
+        """Tell the scheduler's datastore whether `endpoint` may take requests (ready and healthy)."""
+        if self.datastore is not None:
+            self.datastore.set_ready(endpoint.address, endpoint.ready and endpoint.healthy)
+
+    def saturated(self) -> bool:
+        """Return the scheduler's saturation signal (always False under round robin)."""
+        return self.scheduler is not None and self.scheduler.saturated()
+
+    async def scrape(self, address: str) -> str:
+        """Return `address`'s /metrics text, sent with the engine API key (the datastore's fetcher)."""
+        endpoint = self.endpoints.get(address)
+        if endpoint is None:
+            raise ScrapeError(f"endpoint {address} is no longer part of {self.key}")
+        headers = [(b"authorization", self.engine_authorization)] if self.engine_authorization else []
+        timeout = self.datastore.scrape_timeout if self.datastore is not None else 1.0
+        try:
+            status, body = await fetch(endpoint.pool, "GET", "/metrics", headers=headers, timeout=timeout)
+        except UpstreamError as exc:
+            raise ScrapeError(str(exc)) from None
+        if status != 200:
+            raise ScrapeError(f"GET /metrics on {address} answered {status}")
+        return body.decode("utf-8", "replace")
+
+    def close_scheduler(self) -> None:
+        """Stop the scrape task and the scheduler's background work."""
+        if self._scrape_task is not None:
+            self._scrape_task.cancel()
+            self._scrape_task = None
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self.scheduler = None
+        self.datastore = None
 
     def pick(self, exclude: tuple[Endpoint, ...] = (), role: str | None = None) -> Endpoint | None:
         """Return the next eligible endpoint in round-robin order, skipping `exclude`.
@@ -142,11 +191,20 @@ class Service:
 class ServiceTable:
     """Every service the gateway routes, by (namespace, name) and by model name."""
 
-    def __init__(self, metrics: GatewayMetrics, limits: Limits, loop: asyncio.AbstractEventLoop, connect_timeout: float):
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        limits: Limits,
+        loop: asyncio.AbstractEventLoop,
+        connect_timeout: float,
+        scrape_interval: float = 0.05,
+    ):
         self._metrics = metrics
         self._limits = limits
         self._loop = loop
         self._connect_timeout = connect_timeout
+        self._scrape_interval = scrape_interval
+        self.scheduler_metrics = SchedulerMetrics(metrics.registry)
         self.by_key: dict[tuple[str, str], Service] = {}
         self.by_model: dict[str, Service] = {}
 
@@ -158,6 +216,15 @@ class ServiceTable:
         """
         spec = _validate_entry(entry)
         service = self.by_key.get((namespace, name))
+        scheduler_changed = service is None or (
+            (service.shape, service.scheduler_config, service.model)
+            != (spec["shape"], spec["scheduler_config"], spec["model"])
+        )
+        new_scheduler = None
+        if scheduler_changed and spec["shape"] != "no-scheduler":
+            # Built before anything changes, so an invalid config leaves the service as it was.
+            new_scheduler = self._build_scheduler(namespace, name, spec)
+
         if service is None:
             service = Service(namespace, name, self._metrics)
             self.by_key[(namespace, name)] = service
@@ -185,6 +252,12 @@ class ServiceTable:
                 service.model, owner.namespace, owner.name, namespace, name, namespace, name,
             )
         self.by_model[service.model] = service
+        if scheduler_changed:
+            service.close_scheduler()
+            if new_scheduler is not None:
+                service.scheduler = new_scheduler
+                service.datastore = new_scheduler.datastore
+                service._scrape_task = self._loop.create_task(service.datastore.run())
         self._update_endpoints(service, spec["endpoints"])
         logger.info(
             "service %s/%s set: model %s, shape %s, %d endpoints (%d ready)",
@@ -199,6 +272,7 @@ class ServiceTable:
             return None
         if self.by_model.get(service.model) is service:
             del self.by_model[service.model]
+        service.close_scheduler()
         for endpoint in list(service.endpoints.values()):
             endpoint.draining = True
             self.forget_if_idle(service, endpoint)
@@ -211,6 +285,27 @@ class ServiceTable:
             if service.endpoints.get(endpoint.address) is endpoint:
                 del service.endpoints[endpoint.address]
             endpoint.pool.close()
+
+    def _build_scheduler(self, namespace: str, name: str, spec: dict[str, Any]) -> Scheduler:
+        async def fetch_metrics(address: str) -> str:
+            # Scrapes go through the service's own pools and carry its engine API key.
+            service = self.by_key.get((namespace, name))
+            if service is None:
+                raise ScrapeError(f"service {namespace}/{name} was deleted")
+            return await service.scrape(address)
+
+        datastore = Datastore(scrape_interval=self._scrape_interval, fetcher=fetch_metrics)
+        try:
+            return Scheduler.from_config(
+                spec["scheduler_config"],
+                shape=spec["shape"],
+                datastore=datastore,
+                model_name=spec["model"],
+                service=f"{namespace}/{name}",
+                metrics=self.scheduler_metrics,
+            )
+        except (ConfigError, ValueError) as exc:
+            raise BadRequestError(f"scheduler_config: {exc}", param="scheduler_config") from None
 
     def _update_endpoints(self, service: Service, items: list[dict]) -> None:
         seen = set()
@@ -232,6 +327,12 @@ class ServiceTable:
                 endpoint.draining = True
                 logger.info("endpoint %s of %s/%s draining", address, service.namespace, service.name)
                 self.forget_if_idle(service, endpoint)
+        if service.datastore is not None:
+            service.datastore.set_endpoints(
+                EndpointSpec(e.address, e.role, e.labels, e.ready and e.healthy)
+                for e in service.endpoints.values()
+                if not e.draining
+            )
 
     def describe(self) -> list[dict[str, Any]]:
         """Return the admin API view of every service."""
