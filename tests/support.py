@@ -63,3 +63,36 @@ def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout)
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300.0, input_text: str | None = None) -> subprocess.CompletedProcess:
+    """Run `llmisvc ARGS` to completion with `env` added to the environment; output as text."""
+    return subprocess.run(
+        LLMISVC + args,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+    )
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Return PIDs of this user's processes whose environment has `name=value`.
+
+    Processes started by an llmisvc control process inherit its LLMISVC_HOME, so this
+    finds every process one test's runtime left behind.
+    """
+    needle = f"{name}={value}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and (environ.startswith(needle) or b"\0" + needle in environ):
+            found.append(int(entry.name))
+    return found

@@ -73,7 +73,7 @@ class ControlServer:
         try:
             await gateway.ensure_running()
             gateway.watch()
-            self._restore_services()
+            await self._restore_services()
             server = await self._listen()
             self.home.control_pid.write_text(str(os.getpid()))
             loop = asyncio.get_running_loop()
@@ -102,13 +102,13 @@ class ControlServer:
             await session.close()
             store.close()
 
-    def _restore_services(self) -> None:
+    async def _restore_services(self) -> None:
         """Adopt or restart every stored service and converge it in the background."""
         store = self._context.store
         for stored in store.list_services():
             plan = Plan.from_dict(stored.plan)
             service = ServiceRuntime(plan, self._context)
-            service.adopt()
+            await service.adopt()
             self.services[plan.key] = service
             self._spawn(self._converge(service, plan), f"converge {plan.key}")
 

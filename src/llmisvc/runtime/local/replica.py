@@ -260,10 +260,13 @@ class Replica:
         workload = self.workload
         started = self._process_started
         readiness = _ProbeState(workload.readiness)
+        if self.ready:
+            # An adopted replica that passed its readiness probe counts as ready.
+            readiness.successes = workload.readiness.success_threshold
         liveness = _ProbeState(workload.liveness)
         startup = _ProbeState(workload.startup) if workload.startup is not None else None
-        started_up = False
-        ready_since: float | None = None
+        started_up = self.ready
+        ready_since: float | None = time.monotonic() if self.ready else None
         next_memory_check = 0.0
         try:
             return await self._watch_loop(workload, started, readiness, liveness, startup, started_up, ready_since, next_memory_check)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from llmisvc.controller.status import ObservedService, ObservedWorkload, service
 from llmisvc.runtime.local.devices import DeviceAllocator
 from llmisvc.runtime.local.gateway_process import GatewayError, GatewayProcess
 from llmisvc.runtime.local.paths import Home
+from llmisvc.runtime.local.probe_runner import run_probe
+from llmisvc.runtime.local.process import ProcessRef, is_alive, terminate
 from llmisvc.runtime.local.replica import (
     Replica,
     ReplicaRecord,
@@ -102,7 +105,7 @@ class ServiceRuntime:
 
     # replicas
 
-    def _new_replica(self, workload: Workload, slot: int, record: ReplicaRecord | None = None) -> Replica:
+    def _new_replica(self, workload: Workload, slot: int, record: ReplicaRecord | None = None, ready: bool = False) -> Replica:
         if record is None:
             replica_id = new_replica_id(workload)
             log_path = self._context.home.service_log_dir(self.namespace, self.name) / f"{replica_id}.log"
@@ -122,13 +125,18 @@ class ServiceRuntime:
             on_change=self._on_replica_change,
             on_event=lambda type_, reason, message, replica_id=record.id: self.event(type_, reason, message, f"replica/{replica_id}"),
         )
+        replica.ready = ready
         self.replicas.setdefault(workload.component, []).append(replica)
         self._persist(replica)
         replica.start()
         return replica
 
-    def adopt(self) -> None:
-        """Resume supervising the replicas the store records (running ones are adopted, the rest restarted)."""
+    async def adopt(self) -> None:
+        """Resume supervising the replicas the store records.
+
+        A replica whose process still runs and passes its readiness probe is adopted as
+        ready, so the gateway keeps routing to it without a gap; the others are restarted.
+        """
         for data in self._context.store.list_replicas(self.namespace, self.name):
             record = record_from_dict(data)
             workload = self.plan.workload(record.component)
@@ -137,7 +145,13 @@ class ServiceRuntime:
                 # next reconcile rolls it out properly.
                 workload = _workload_for_record(self.plan, record)
             self._context.devices.restore(record.id, record.devices)
-            self._new_replica(workload, record.slot, record)
+            ready = False
+            if record.pid is not None and is_alive(ProcessRef(record.pid, record.start_ticks or 0)) and record.port:
+                ready, detail = await run_probe(self._context.session, workload.readiness, record.port, workload.serving_scheme)
+                if not ready:
+                    logger.info("replica %s runs but is not ready (%s); restarting it", record.id, detail)
+                    await terminate(ProcessRef(record.pid, record.start_ticks or 0), None, workload.grace_period_s)
+            self._new_replica(workload, record.slot, record, ready=ready)
 
     async def _drain_and_stop(self, replicas: list[Replica], reason: str) -> None:
         """Stop routing to `replicas`, wait for their in-flight requests, then stop them."""
@@ -191,6 +205,9 @@ class ServiceRuntime:
                 await self._reconcile_workload(workload, progress)
             await self.sync_gateway()
             await self._wait_ready(progress, wait_timeout_s)
+            # Readiness changes reach the gateway from a background task; push once more so
+            # the service routes to every ready replica before apply returns.
+            await self.sync_gateway()
 
     async def _reconcile_workload(self, workload: Workload, progress: Progress) -> None:
         replicas = self.replicas.setdefault(workload.component, [])
@@ -282,8 +299,9 @@ class ServiceRuntime:
         for replica in replicas:
             seconds = time.time() - replica.record.created
             last_line = _last_line(Path(replica.record.log_path))
-            parts.append(f"  {replica.id} ({replica.record.component}): {replica.state.lower()} for {seconds:.0f}s" + (f" | {last_line}" if last_line else ""))
-        return f"{ready}/{len(self.all_replicas())} replicas ready; loading:\n" + "\n".join(parts)
+            state = "loading" if replica.state == "Starting" else replica.state.lower()
+            parts.append(f"  {replica.id} ({replica.record.component}): {state} for {seconds:.0f}s" + (f": {last_line}" if last_line else ""))
+        return f"{ready}/{len(self.all_replicas())} replicas ready, waiting for:\n" + "\n".join(parts)
 
     async def _stop_everything(self, reason: str) -> None:
         for replicas in list(self.replicas.values()):
@@ -402,11 +420,16 @@ def _workload_for_record(plan: Plan, record: ReplicaRecord) -> Workload:
     return stand_in
 
 
+# Timestamp, level and logger name that llmisvc processes put before each log message.
+_LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d[ T][\d:,.]+ [A-Z]+ [\w.]+: ")
+
+
 def _last_line(path: Path) -> str:
+    """Return the last non-empty log line of `path` without its timestamp prefix."""
     try:
         with open(path, "rb") as log:
             log.seek(max(0, path.stat().st_size - 4096))
             lines = [line for line in log.read().decode("utf-8", "replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    return lines[-1][-160:] if lines else ""
+    return _LOG_PREFIX.sub("", lines[-1])[:160] if lines else ""
