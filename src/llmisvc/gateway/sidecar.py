@@ -447,6 +447,10 @@ class SidecarApp:
             return _error_response(error)
 
         async with upstream:
+            if outcome is not None and upstream.status >= 400:
+                # The decode engine rejected the request (for example a prompt over its
+                # context length), so nobody will read the prefill blocks.
+                await self.pd.release_prefill(outcome)
             reply_headers = {
                 key: value
                 for key, value in upstream.headers.items()
