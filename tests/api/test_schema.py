@@ -1,7 +1,7 @@
 """The schema accepts exactly the field set of KServe v0.20's LLMInferenceService CRDs.
 
-The CRDs are read from the shared directory beside the repository (never copied into it);
-the test walks both trees and compares every field path with its type, required fields,
+The CRDs are read from the shared directory beside the repository and never copied into it.
+The tests walk both trees and compare every field path with its type, required fields,
 enum values and numeric bounds.
 """
 
@@ -101,7 +101,7 @@ def test_required_fields_equal_crd(crds, kind, version):
     assert mismatched == []
 
 
-# Bounds that the Kubernetes API server enforces beyond the CRD's OpenAPI schema; the
+# Bounds that the Kubernetes API server enforces beyond the CRD's OpenAPI schema. The
 # schema states them so that llmisvc rejects such values before a cluster would.
 SERVER_SIDE_BOUNDS = ("ports[].containerPort", "ports[].hostPort", "spec.router.scheduler.replicas")
 

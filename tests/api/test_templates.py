@@ -51,7 +51,7 @@ def test_child_name_forty_char_suffix():
     assert name == "r" * 31 + _md5(parent + suffix)
 
 
-def test_child_name_long_suffix_short_parent_padded_with_suffix():
+def test_child_name_long_suffix_padded():
     parent, suffix = "ab", "-" + "s" * 61
     name = child_name(parent, suffix)
     assert name == ("ab" + _md5(parent + suffix) + suffix)[:63]

@@ -3,9 +3,10 @@
 Field names and nesting follow Kubernetes core/v1 (PodSpec and what it contains,
 PersistentVolumeClaimSpec), autoscaling/v2 (HorizontalPodAutoscalerBehavior), Gateway API
 v1 (HTTPRouteSpec, ParentReference) and Gateway API Inference Extension (InferencePoolSpec),
-as served by KServe v0.20's LLMInferenceService CRD. Inner structure is validated by type;
-semantic rules of these types (mutually exclusive volume sources, selector operators) are
-left to the Kubernetes API server, except where llmisvc acts on them locally.
+as served by KServe v0.20's LLMInferenceService CRD. Inner structure is validated by type.
+The semantic rules of these types (selector operators, most field formats) are left to the
+Kubernetes API server. `rules.py` checks the few that llmisvc depends on, such as one volume
+source per volume and one handler per probe.
 """
 
 from __future__ import annotations
@@ -113,8 +114,7 @@ EnvVar = obj(
     required=("name",),
     name=Str.doc("Environment variable name."),
     value=Str.doc("Value; $(VAR) references to earlier variables are expanded."),
-    valueFrom=EnvVarSource.doc("Source of the value; fieldRef metadata.name/namespace and "
-                               "resourceFieldRef are resolved locally, other sources need Kubernetes."),
+    valueFrom=EnvVarSource.doc("Source of the value (Kubernetes only: the local runtime rejects it)."),
 )
 EnvFromSource = obj(
     "EnvFromSource",
@@ -208,7 +208,7 @@ Container = obj(
     command=Strs.doc("Entrypoint; a later layer replaces the list whole."),
     env=array(EnvVar, "Environment variables, merged by name across layers."),
     envFrom=array(EnvFromSource),
-    image=Str.doc("Container image (Kubernetes); the local runtime runs the engine in-process."),
+    image=Str.doc("Container image (Kubernetes); the local runtime runs llmisvc's own engine and ignores it."),
     imagePullPolicy=Str,
     lifecycle=obj("Lifecycle", postStart=LifecycleHandler, preStop=LifecycleHandler, stopSignal=Str),
     livenessProbe=Probe,
@@ -288,8 +288,7 @@ VolumeProjection = obj(
 )
 Volume = obj(
     "Volume",
-    "A pod volume. Locally, emptyDir, hostPath, configMap-free sources and "
-    "persistentVolumeClaim (mapped to a local directory) are honoured.",
+    "A pod volume, rendered for Kubernetes.",
     required=("name",),
     awsElasticBlockStore=obj(
         "AWSElasticBlockStoreVolumeSource", required=("volumeID",),

@@ -1,9 +1,10 @@
 """Resolution of an LLMInferenceService into the merged, defaulted, rendered desired state.
 
 `resolve` merges the presets chosen by the spec's shape, then the service's `baseRefs` in
-order, then the service's own spec; renders template actions; defaults `model.name`;
-moves a scheduler EndpointPickerConfig passed as container args into `config.inline`; and
-validates the result again, because a merge can produce combinations no single layer had.
+order, then the service's own spec. It then renders template actions, defaults
+`model.name` and moves a scheduler EndpointPickerConfig passed as container args into
+`config.inline`. Last it validates the result again, because a merge can produce
+combinations that no single layer had.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MAIN_CONTAINER = "main"
 DEFAULT_CRITICALITY = "Standard"
 
 # `.GlobalConfig` keys available to templates, with the values used when the caller passes
-# none. The images are what the presets put in Kubernetes manifests; locally they are unused.
+# none. The presets put these images in Kubernetes manifests, and the local runtime ignores them.
 DEFAULT_GLOBAL_CONFIG: dict[str, str] = {
     "EngineImage": "docker.io/vllm/vllm-openai:latest",
     "SchedulerImage": "ghcr.io/llm-d/llm-d-inference-scheduler:latest",
@@ -39,7 +40,7 @@ DEFAULT_GLOBAL_CONFIG: dict[str, str] = {
     "GatewayNamespace": "kserve",
 }
 
-# Scheduler flags that carry an EndpointPickerConfig: inline YAML text, or a file path.
+# Scheduler flags that carry an EndpointPickerConfig as inline YAML text or as a file path.
 CONFIG_TEXT_FLAGS = ("--config-text", "--configText")
 CONFIG_FILE_FLAGS = ("--config-file", "--configFile")
 
@@ -48,11 +49,12 @@ CONFIG_FILE_FLAGS = ("--config-file", "--configFile")
 class ResolvedService:
     """The desired state of one LLMInferenceService after presets, baseRefs and templates.
 
-    `obj` is the merged document; the other fields are read from it for convenience.
+    `obj` is the merged document, and the other fields are read from it for convenience.
     `shape` is "scheduler", "no-scheduler" or "pd". `scheduler_config` is the
-    EndpointPickerConfig dict, or None for the shape's default profile; `scheduler_config_ref`
-    is `router.scheduler.config.ref` (a ConfigMap key) and `scheduler_config_file` a
-    `--config-file` path from the scheduler's args, both None when unused.
+    EndpointPickerConfig dict, or None for the shape's default profile.
+    `scheduler_config_ref` is `router.scheduler.config.ref` (a ConfigMap key) and
+    `scheduler_config_file` is a `--config-file` path from the scheduler's args. Both are
+    None when unused.
     """
 
     name: str
@@ -203,12 +205,12 @@ def _extract_scheduler_args_config(spec: dict) -> str | None:
     config_file = None
     for path, container in _scheduler_containers(spec):
         args = [str(a) for a in container.get("args") or []]
-        kept: list[str] = []
+        remaining_args: list[str] = []
         i = 0
         while i < len(args):
             flag, value = _split_flag(args[i], CONFIG_TEXT_FLAGS + CONFIG_FILE_FLAGS)
             if flag is None:
-                kept.append(args[i])
+                remaining_args.append(args[i])
                 i += 1
                 continue
             if value is None:
@@ -220,12 +222,12 @@ def _extract_scheduler_args_config(spec: dict) -> str | None:
                 step = 1
             if flag in CONFIG_FILE_FLAGS:
                 config_file = value
-                kept.extend(args[i:i + step])
+                remaining_args.extend(args[i:i + step])
             else:
                 found.append((f"{path}.args[{i}]", value))
             i += step
         if "args" in container:
-            container["args"] = kept
+            container["args"] = remaining_args
 
     if not found:
         return config_file

@@ -1,6 +1,6 @@
 """Cross-field rules of an LLMInferenceService spec, checked after the structure is valid.
 
-Each rule appends FieldErrors; rules read the cleaned document defensively, because a
+Each rule appends FieldErrors. Rules read the cleaned document defensively, because a
 document with structural errors still gets its semantic errors reported in the same pass.
 """
 

@@ -32,11 +32,11 @@ _FIELD = re.compile(r"^\.[A-Za-z0-9_.]+$")
 def child_name(parent: str, suffix: str) -> str:
     """Return a child resource name of at most 63 characters built from `parent` and `suffix`.
 
-    The plain concatenation when it fits. Otherwise the parent is cut so that the cut parent,
-    the 32 hex digits of md5(parent) and the suffix fit in 63 characters; when the suffix is 31
-    characters or longer, md5(parent + suffix) is used after at most 31 characters of the parent,
-    followed by as much of the suffix as fits. Trailing non-alphanumerics of a shortened name
-    are removed, because a DNS-1123 label must end with a letter or digit.
+    Returns the plain concatenation when it fits. Otherwise the parent is cut so that the cut
+    parent, the 32 hex digits of md5(parent) and the suffix fit in 63 characters. When the
+    suffix is 31 characters or longer, the name is at most 31 characters of the parent, then
+    md5(parent + suffix), then as much of the suffix as fits. Trailing non-alphanumerics of a
+    shortened name are removed, because a DNS-1123 label must end with a letter or digit.
     """
     if len(parent) + len(suffix) <= MAX_NAME_LENGTH:
         return parent + suffix

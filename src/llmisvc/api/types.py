@@ -1,10 +1,11 @@
 """The LLMInferenceService and LLMInferenceServiceConfig field trees, per API version.
 
 The accepted field set is that of KServe v0.20's CRDs for `serving.kserve.io/v1alpha1` and
-`v1alpha2`: the two versions differ in `model.criticality` (v1alpha1 only), the
-InferencePool spec under `router.scheduler.pool.spec` (x-k8s.io v1alpha2 vs k8s.io v1),
-`kvCacheOffloading` and `model.confidential` (v1alpha2 only) and some status fields.
-A config's spec has the same fields as a service's spec.
+`v1alpha2`. The versions differ in a few places. `model.criticality` exists only in
+v1alpha1. `kvCacheOffloading`, `model.confidential` and some status fields exist only in
+v1alpha2. The InferencePool spec under `router.scheduler.pool.spec` is the x-k8s.io
+v1alpha2 one in v1alpha1 and the k8s.io v1 one in v1alpha2. A config's spec has the same
+fields as a service's spec.
 """
 
 from __future__ import annotations
