@@ -29,7 +29,16 @@ RUNTIME_FLAGS = frozenset({"--host", "--port"})
 # Flags generated from structured spec fields; repeating them in `args` is rejected
 # because the two values could disagree.
 SPEC_FLAGS = frozenset(
-    {"--model", "--served-model-name", "--tensor-parallel-size", "--pipeline-parallel-size", "--data-parallel-size"}
+    {
+        "--model",
+        "--served-model-name",
+        "--tensor-parallel-size",
+        "-tp",
+        "--pipeline-parallel-size",
+        "-pp",
+        "--data-parallel-size",
+        "-dp",
+    }
 )
 
 # Flags of `llmisvc engine` named by the engine contract (they mirror `vllm serve`); used

@@ -308,7 +308,7 @@ def _plan_workload(
         issues.append(PlanIssue(f"{container_path}.args", str(exc)))
         user_args = []
 
-    parallel_args = _parallelism_args(parallelism, engine, flags, f"{path}.parallelism", issues)
+    parallel_args = _parallelism_args(parallelism, engine, f"{path}.parallelism", issues)
     gpus_per_replica = _gpus_per_replica(container, f"{container_path}.resources", issues)
     needed_devices = max(1, int(parallelism.get("tensor") or 1)) * max(1, int(parallelism.get("pipeline") or 1))
     if needed_devices > 1 and gpus_per_replica < needed_devices:
@@ -378,15 +378,17 @@ def _plan_workload(
     return workload
 
 
-def _parallelism_args(parallelism: dict, engine: str, flags: Any, path: str, issues: list[PlanIssue]) -> list[str]:
+def _parallelism_args(parallelism: dict, engine: str, path: str, issues: list[PlanIssue]) -> list[str]:
     """Translate spec.parallelism to engine flags, rejecting what the engine cannot do."""
     args: list[str] = []
     for key, flag in (("tensor", "--tensor-parallel-size"), ("pipeline", "--pipeline-parallel-size"), ("data", "--data-parallel-size")):
         value = parallelism.get(key)
         if value is None or int(value) <= 1:
             continue
-        if flags is not None and not flags.accepts(flag):
-            issues.append(PlanIssue(f"{path}.{key}", f"the {engine} engine does not support {key} parallelism (got {value})"))
+        if engine != "vllm":
+            # The built-in engine and the simulator run each replica on one device; their
+            # parallelism flags exist for vLLM compatibility and accept only 1.
+            issues.append(PlanIssue(f"{path}.{key}", f"the {engine} engine does not support {key} parallelism (got {value}); use engine vllm or more replicas"))
             continue
         args += [flag, str(int(value))]
     for key in ("dataLocal", "dataRPCPort", "expert"):
