@@ -47,6 +47,47 @@ DEFAULT_CONFIG: dict[str, Any] = {
     ],
 }
 
+# Default for a service with `prefill:` and no `scheduler.config`: a prefill and a decode
+# profile, each with its role filter and the saturation filter, prefix-cache scorer weight 2,
+# load-aware scorer weight 1 and the max-score picker. Every request is split (threshold 0),
+# which is what declaring a prefill pool asks for; a config with a threshold or a
+# prefix-based-pd-decider keeps short prompts on the decode endpoint.
+DEFAULT_PD_CONFIG: dict[str, Any] = {
+    "apiVersion": "llm-d.ai/v1alpha1",
+    "kind": KIND,
+    "plugins": [
+        {"type": "pd-profile-handler", "parameters": {"threshold": 0}},
+        {"type": "prefill-filter"},
+        {"type": "decode-filter"},
+        {"type": "utilization-detector"},
+        {"type": "prefix-cache-scorer"},
+        {"type": "load-aware-scorer"},
+        {"type": "max-score-picker"},
+    ],
+    "schedulingProfiles": [
+        {
+            "name": "prefill",
+            "plugins": [
+                {"pluginRef": "prefill-filter"},
+                {"pluginRef": "utilization-detector"},
+                {"pluginRef": "prefix-cache-scorer", "weight": 2},
+                {"pluginRef": "load-aware-scorer", "weight": 1},
+                {"pluginRef": "max-score-picker"},
+            ],
+        },
+        {
+            "name": "decode",
+            "plugins": [
+                {"pluginRef": "decode-filter"},
+                {"pluginRef": "utilization-detector"},
+                {"pluginRef": "prefix-cache-scorer", "weight": 2},
+                {"pluginRef": "load-aware-scorer", "weight": 1},
+                {"pluginRef": "max-score-picker"},
+            ],
+        },
+    ],
+}
+
 
 class ConfigError(ValueError):
     """An EndpointPickerConfig is invalid; the message names the plugin and parameter."""

@@ -34,9 +34,11 @@ PLUGINS: dict[str, str] = {
     "max-score-picker": "llmisvc.scheduler.plugins.max_score_picker:MaxScorePicker",
     "random-picker": "llmisvc.scheduler.plugins.random_picker:RandomPicker",
     "weighted-random-picker": "llmisvc.scheduler.plugins.weighted_random_picker:WeightedRandomPicker",
+    "pd-profile-handler": "llmisvc.scheduler.plugins.pd_profile_handler:PDProfileHandler",
+    "prefix-based-pd-decider": "llmisvc.scheduler.plugins.prefix_based_pd_decider:PrefixBasedPDDecider",
 }
 
-KINDS = ("filter", "scorer", "picker", "profile-handler")
+KINDS = ("filter", "scorer", "picker", "profile-handler", "decider")
 
 
 @dataclass(frozen=True)

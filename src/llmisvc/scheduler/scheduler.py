@@ -93,6 +93,12 @@ class Scheduler:
             )
             for profile in config.profiles
         }
+        for plugin in self.plugins.values():
+            # Plugins that refer to other plugins or profiles by name (pd-profile-handler and
+            # its decider) look them up once everything is built.
+            resolve = getattr(plugin, "resolve_plugins", None)
+            if resolve is not None:
+                resolve(self.plugins, self.profiles)
         self._e2e = self.metrics.e2e_duration.labels(self.service)
         self._timers: dict[tuple[str, str], Any] = {}
         datastore.add_removal_listener(self._forget_endpoint)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from llmisvc.scheduler.config import ConfigError
 from llmisvc.scheduler.framework import (
     AllFiltered,
     CycleState,
@@ -41,48 +42,14 @@ from llmisvc.scheduler.framework import (
 )
 from llmisvc.scheduler.registry import Param, non_negative, positive
 
-# Prefix-match objects the prefix-cache scorers leave in the cycle state. The approximate
-# one offers `uncached_chars(address, prompt_chars)`; an exact one offers
-# `uncached_tokens(address) -> int | None`.
+# What the prefix-cache scorers leave in the cycle state: the approximate one a match object
+# with `uncached_chars(address, prompt_chars)`, the precise one a tuple (prompt tokens,
+# matched blocks by address, block size in tokens).
 _APPROXIMATE_KEY = "prefix-cache"
 _PRECISE_KEY = "precise-prefix-cache"
 # The approximate index's characters-per-token estimate.
 CHARS_PER_TOKEN = 4
 DECISION_KEY = "pd-decision"
-
-
-def _profile(name: str, role_filter: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "plugins": [
-            {"pluginRef": role_filter},
-            {"pluginRef": "utilization-detector"},
-            {"pluginRef": "prefix-cache-scorer", "weight": 2},
-            {"pluginRef": "load-aware-scorer", "weight": 1},
-            {"pluginRef": "max-score-picker"},
-        ],
-    }
-
-
-# Scheduler config for a service with `prefill:` and no `scheduler.config`: a prefill and a
-# decode profile, each with its role filter and the saturation filter, prefix-cache scorer
-# weight 2, load-aware scorer weight 1 and the max-score picker. Every request is split
-# (threshold 0), which is what declaring a prefill pool asks for; a config with a
-# threshold or a prefix-based-pd-decider keeps short prompts on the decode endpoint.
-DEFAULT_PD_CONFIG: dict[str, Any] = {
-    "apiVersion": "llm-d.ai/v1alpha1",
-    "kind": "EndpointPickerConfig",
-    "plugins": [
-        {"type": "pd-profile-handler", "parameters": {"threshold": 0}},
-        {"type": "prefill-filter"},
-        {"type": "decode-filter"},
-        {"type": "utilization-detector"},
-        {"type": "prefix-cache-scorer"},
-        {"type": "load-aware-scorer"},
-        {"type": "max-score-picker"},
-    ],
-    "schedulingProfiles": [_profile("prefill", "prefill-filter"), _profile("decode", "decode-filter")],
-}
 
 
 class PDProfileHandler(Plugin, LifecycleHooks):
@@ -108,23 +75,24 @@ class PDProfileHandler(Plugin, LifecycleHooks):
         self.decider_name = parameters["deciderPluginName"]
         self.decider: Any = None
 
-    def resolve_plugins(self, plugins: Mapping[str, Any]) -> None:
-        """Find the decider among the service's plugins; raise ValueError if the name is wrong."""
+    def resolve_plugins(self, plugins: Mapping[str, Any], profiles: Mapping[str, Any]) -> None:
+        """Find the decider and check the profile names; raise ConfigError when one is missing."""
+        for profile in (self.decode_profile, self.prefill_profile):
+            if profile not in profiles:
+                raise ConfigError(f"plugin {self.name!r}: no scheduling profile named {profile!r}", plugin=self.name)
         if self.decider_name:
             decider = plugins.get(self.decider_name)
             if decider is None or not hasattr(decider, "should_split"):
-                raise ValueError(f"plugin {self.name!r}: deciderPluginName {self.decider_name!r} names no decider plugin")
+                raise ConfigError(
+                    f"plugin {self.name!r}: deciderPluginName {self.decider_name!r} names no decider plugin",
+                    plugin=self.name,
+                    parameter="deciderPluginName",
+                )
             self.decider = decider
             return
         deciders = [plugin for plugin in plugins.values() if hasattr(plugin, "should_split")]
         if len(deciders) == 1:
             self.decider = deciders[0]
-
-    def check_profiles(self, profiles: Mapping[str, Any]) -> None:
-        """Raise ValueError when a profile this handler runs is missing from the config."""
-        for profile in (self.decode_profile, self.prefill_profile):
-            if profile not in profiles:
-                raise ValueError(f"plugin {self.name!r}: no scheduling profile named {profile!r}")
 
     def pick_profiles(
         self, state: CycleState, profiles: Mapping[str, SchedulerProfile], results: Mapping[str, ProfileResult | None]
@@ -167,10 +135,9 @@ class PDProfileHandler(Plugin, LifecycleHooks):
     def uncached_tokens(self, state: CycleState, address: str) -> tuple[float, bool]:
         """Return (uncached prompt tokens on `address`, whether the count is exact)."""
         precise = state.values.get(_PRECISE_KEY)
-        if precise is not None and hasattr(precise, "uncached_tokens"):
-            exact = precise.uncached_tokens(address)
-            if exact is not None:
-                return float(exact), True
+        if precise is not None:
+            prompt_tokens, matched_blocks, block_size = precise
+            return float(max(prompt_tokens - matched_blocks.get(address, 0) * block_size, 0)), True
 
         prompt_chars = len(state.prompt_text)
         approximate = state.values.get(_APPROXIMATE_KEY)
