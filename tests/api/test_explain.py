@@ -61,3 +61,7 @@ def test_explain_recursive():
 def test_explain_unknown_version():
     with pytest.raises(ExplainError):
         explain("spec", api_version="serving.kserve.io/v9")
+
+
+def test_explain_version_without_group():
+    assert "VERSION:  serving.kserve.io/v1alpha1" in explain("spec", api_version="v1alpha1")

@@ -242,3 +242,26 @@ def test_resolve_refuses_config_kind():
         "metadata": {"name": "c"}, "spec": {}}))
     with pytest.raises(SpecError):
         resolve(resource)
+
+
+def test_gateway_refs_become_route_parents():
+    resolved = _resolve(minimal_service(router={"route": {}, "gateway": {"refs": [
+        {"name": "team-gw", "namespace": "infra", "sectionName": "https"}, {"name": "second"}]}}))
+    parents = resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"]
+    assert parents == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "team-gw", "namespace": "infra",
+         "sectionName": "https"},
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "second"},
+    ]
+
+
+def test_user_parent_refs_win_over_gateway_refs():
+    route = {"http": {"spec": {"parentRefs": [{"name": "mine"}]}}}
+    resolved = _resolve(minimal_service(router={"route": route, "gateway": {"refs": [{"name": "team-gw"}]}}))
+    assert resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"] == [{"name": "mine"}]
+
+
+def test_default_gateway_without_refs():
+    resolved = _resolve(minimal_service(router={"route": {}, "gateway": {}}))
+    parent = resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"][0]
+    assert (parent["name"], parent["namespace"]) == ("kserve-ingress-gateway", "kserve")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from llmisvc.api.schema import ARRAY, MAP, OBJECT, Node
-from llmisvc.api.types import API_VERSIONS, CONFIG_KIND, SERVICE_KIND, resource_schema
+from llmisvc.api.types import API_VERSIONS, CONFIG_KIND, GROUP, SERVICE_KIND, resource_schema
 
 # Names accepted for the resource in front of a path, lower-cased.
 KIND_ALIASES = {
@@ -43,9 +43,12 @@ def explain(path: str, api_version: str = API_VERSIONS[-1], recursive: bool = Fa
 
     The first path element may name the resource (`llmisvc`, `llminferenceservice`,
     `llminferenceserviceconfig`); without it the path starts at an LLMInferenceService's top
-    level. With `recursive`, the whole subtree's field names and types are listed.
+    level. `api_version` may omit the group (`v1alpha1`). With `recursive`, the whole
+    subtree's field names and types are listed.
     Raises ExplainError for an unknown field or API version.
     """
+    if "/" not in api_version:
+        api_version = f"{GROUP}/{api_version}"
     if api_version not in API_VERSIONS:
         raise ExplainError(f"unknown API version {api_version!r}: use {' or '.join(API_VERSIONS)}")
     parts = [p for p in path.split(".") if p]

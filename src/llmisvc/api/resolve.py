@@ -134,6 +134,7 @@ def resolve(
     # The service's own fields come first, in its order, so `render` reads like the input.
     spec = {key: merged[key] for key in service.spec if key in merged}
     spec.update((key, value) for key, value in merged.items() if key not in spec)
+    _attach_route_to_gateways(spec, shape_spec)
 
     metadata = copy.deepcopy(service.obj.get("metadata") or {})
     metadata.setdefault("namespace", service.namespace or DEFAULT_NAMESPACE)
@@ -176,6 +177,29 @@ def _base_ref_layers(service: Resource, configs: dict[str, Resource]) -> tuple[l
     if errors:
         raise SpecError(errors)
     return layers, names
+
+
+def _attach_route_to_gateways(spec: dict, user_spec: dict) -> None:
+    """Point a managed route's parentRefs at `router.gateway.refs` when the user names gateways.
+
+    The route presets attach to the platform's default gateway. A service that names its own
+    gateways expects its route there instead, unless it set parentRefs itself (`user_spec`
+    is the merge of its baseRefs and its own spec).
+    """
+    router = spec.get("router") or {}
+    gateway_refs = (router.get("gateway") or {}).get("refs") or []
+    route_spec = ((router.get("route") or {}).get("http") or {}).get("spec")
+    user_route_spec = (((user_spec.get("router") or {}).get("route") or {}).get("http") or {}).get("spec") or {}
+    if not gateway_refs or route_spec is None or user_route_spec.get("parentRefs"):
+        return
+    parents = []
+    for ref in gateway_refs:
+        parent = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": ref.get("name", "")}
+        for key in ("namespace", "sectionName"):
+            if ref.get(key):
+                parent[key] = ref[key]
+        parents.append(parent)
+    route_spec["parentRefs"] = parents
 
 
 def _scheduler_containers(spec: dict) -> list[tuple[str, dict]]:

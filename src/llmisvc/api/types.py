@@ -97,8 +97,8 @@ KVCacheOffloading = obj(
     )),
 )
 Replicas = Int.bounded(0).doc("Number of model-server replicas (default 1).")
-Labels_ = Labels.doc("Labels added to the workload's pods.")
-Annotations_ = Labels.doc("Annotations added to the workload's pods.")
+PodLabels = Labels.doc("Labels added to the workload's pods.")
+PodAnnotations = Labels.doc("Annotations added to the workload's pods.")
 Template = PodSpec.doc("Pod template of the workload; container `main` is the model server.")
 Worker = PodSpec.doc("Pod template of multi-node workers (pipeline or data parallelism).")
 
@@ -177,9 +177,9 @@ def _router(version: str) -> Node:
 
 def _workload_fields(version: str) -> dict[str, Node]:
     fields = dict(
-        annotations=Annotations_,
+        annotations=PodAnnotations,
         kvCacheOffloading=KVCacheOffloading,
-        labels=Labels_,
+        labels=PodLabels,
         parallelism=Parallelism,
         replicas=Replicas,
         scaling=Scaling,
