@@ -40,11 +40,12 @@ def _check(text: str) -> None:
         assert all(isinstance(e.path, str) and e.path for e in exc.errors)
         assert all(e.reason for e in exc.errors)
         return
+    configs = {r.name: r for r in resources if r.kind == "LLMInferenceServiceConfig"}
     for resource in resources:
         if resource.kind != "LLMInferenceService":
             continue
         try:
-            resolved = resolve(resource)
+            resolved = resolve(resource, configs)
         except SpecError as exc:
             assert all(e.path for e in exc.errors)
             continue
@@ -101,3 +102,27 @@ def mutated_examples(draw):
 @given(mutated_examples())
 def test_mutated_examples(document):
     _check(yaml.safe_dump(document))
+
+
+@st.composite
+def services_with_base_refs(draw):
+    service = draw(mutated_examples())
+    base_spec = draw(st.one_of(
+        st.dictionaries(keys, values, max_size=4),
+        st.sampled_from([copy.deepcopy(d["spec"]) for d in EXAMPLE_DOCS]),
+    ))
+    config = {
+        "apiVersion": "serving.kserve.io/v1alpha2",
+        "kind": "LLMInferenceServiceConfig",
+        "metadata": {"name": "base"},
+        "spec": base_spec,
+    }
+    if isinstance(service.get("spec"), dict):
+        service["spec"]["baseRefs"] = [{"name": "base"}]
+    return [config, service]
+
+
+@SETTINGS
+@given(services_with_base_refs())
+def test_services_with_base_refs(documents):
+    _check(yaml.safe_dump_all(documents))
