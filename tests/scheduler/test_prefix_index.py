@@ -107,3 +107,16 @@ def test_chat_parts_render_like_strings():
     as_parts = renderer.render([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
     as_string = renderer.render([{"role": "user", "content": "a\nb"}])
     assert as_parts == as_string
+
+
+def test_match_counts_each_endpoint_prefix():
+    index = PrefixIndex()
+    index.add("a", [1, 2, 3])
+    index.add("b", [1, 2])
+    index.add("c", [1])
+    index.add("d", [2, 3])  # holds later blocks but not the first: no match
+    assert index.match([1, 2, 3, 4]) == {"a": 3, "b": 2, "c": 1}
+    assert index.match([5, 1]) == {}
+    index.remove_endpoint("b")
+    index.add("e", [1, 2])  # reuses b's bit; b's entries are gone
+    assert index.match([1, 2, 3]) == {"a": 3, "e": 2, "c": 1}

@@ -144,7 +144,7 @@ def test_queueing_beyond_max_num_seqs(sims):
             time.sleep(0.02)
         for future in futures:
             future.result()
-    assert waiting_seen == 2
+    assert waiting_seen >= 2
 
 
 def test_cached_prompt_has_shorter_ttft(sims):

@@ -69,11 +69,24 @@ class CycleState:
 
 @dataclass
 class ProfileResult:
-    """Outcome of one profile: chosen endpoints (best first) and every candidate's scores."""
+    """Outcome of one profile: chosen endpoints (best first) and every candidate's scores.
+
+    `plugin_scores` maps scorer name -> address -> clamped score; `totals` maps address
+    -> weighted sum.
+    """
 
     targets: list["Endpoint"]
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    plugin_scores: dict[str, dict[str, float]] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Address -> scorer name -> score (built on demand, for logs and tests)."""
+        view: dict[str, dict[str, float]] = {address: {} for address in self.totals}
+        for plugin, values in self.plugin_scores.items():
+            for address, value in values.items():
+                view[address][plugin] = value
+        return view
 
 
 @dataclass

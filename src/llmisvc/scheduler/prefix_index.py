@@ -42,7 +42,10 @@ class PrefixIndex:
     """Per-endpoint LRUs of block hashes with a reverse map for matching.
 
     `capacity` is the default per-endpoint size; `set_capacity` overrides it for one
-    endpoint (auto-sizing from the engine's KV cache size).
+    endpoint (auto-sizing from the engine's KV cache size). The reverse map stores, per
+    block hash, a bit mask of the endpoints holding it: plain ints are not tracked by
+    Python's cyclic garbage collector, so a million entries add no collection pauses
+    to scheduling decisions, as a set per hash would.
     """
 
     def __init__(self, capacity: int = 31_250, max_total_entries: int = 2_000_000):
@@ -52,7 +55,9 @@ class PrefixIndex:
         self.max_total_entries = max_total_entries
         self._lrus: dict[str, OrderedDict[int, None]] = {}
         self._capacities: dict[str, int] = {}
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, int] = {}
+        self._bits: dict[str, int] = {}
+        self._addresses: dict[int, str] = {}
         self._total = 0
         self.lookup_blocks = 0
         self.hit_blocks = 0
@@ -78,37 +83,45 @@ class PrefixIndex:
         if lru is not None:
             self._trim(address, lru, self._capacities[address])
 
-    def match(self, hashes: list[int], addresses: list[str] | None = None) -> dict[str, int]:
+    def match(self, hashes: list[int]) -> dict[str, int]:
         """Return address -> number of leading blocks of `hashes` indexed for it (0 omitted)."""
         counts: dict[str, int] = {}
-        wanted = set(addresses) if addresses is not None else None
-        for position, block_hash in enumerate(hashes):
-            holders = self._holders.get(block_hash)
+        alive = -1  # every bit: endpoints still matching all blocks so far
+        matched = 0
+        for block_hash in hashes:
+            holders = self._holders.get(block_hash, 0) & alive
             if not holders:
                 break
-            advanced = False
-            for address in holders:
-                if counts.get(address, 0) == position and (wanted is None or address in wanted):
-                    counts[address] = position + 1
-                    advanced = True
-            if not advanced:
-                break
-        best = max(counts.values(), default=0)
+            dropped = alive & ~holders if alive != -1 else 0
+            self._record(counts, dropped, matched)
+            alive = holders
+            matched += 1
+        if matched:
+            self._record(counts, alive, matched)
         self.lookup_blocks += len(hashes)
-        self.hit_blocks += best
+        self.hit_blocks += matched
         return counts
+
+    def _record(self, counts: dict[str, int], mask: int, matched: int) -> None:
+        while mask and matched:
+            low = mask & -mask
+            counts[self._addresses[low.bit_length() - 1]] = matched
+            mask ^= low
 
     def add(self, address: str, hashes: list[int]) -> None:
         """Record that `address` now caches the blocks `hashes` (most recently used)."""
         lru = self._lrus.get(address)
         if lru is None:
             lru = self._lrus[address] = OrderedDict()
+            self._assign_bit(address)
+        bit = 1 << self._bits[address]
+        holders = self._holders
         for block_hash in hashes:
             if block_hash in lru:
                 lru.move_to_end(block_hash)
                 continue
             lru[block_hash] = None
-            self._holders.setdefault(block_hash, set()).add(address)
+            holders[block_hash] = holders.get(block_hash, 0) | bit
             self._total += 1
         self._trim(address, lru, self.capacity(address))
         if self._total > self.max_total_entries:
@@ -123,10 +136,18 @@ class PrefixIndex:
         for block_hash in lru:
             self._drop_holder(block_hash, address)
         self._total -= len(lru)
+        self._addresses.pop(self._bits.pop(address))
 
     def hit_ratio(self) -> float:
         """Fraction of looked-up blocks found on the best endpoint, since creation."""
         return self.hit_blocks / self.lookup_blocks if self.lookup_blocks else 0.0
+
+    def _assign_bit(self, address: str) -> None:
+        bit = 0
+        while bit in self._addresses:
+            bit += 1
+        self._bits[address] = bit
+        self._addresses[bit] = address
 
     def _trim(self, address: str, lru: OrderedDict[int, None], capacity: int) -> None:
         while len(lru) > capacity:
@@ -137,8 +158,10 @@ class PrefixIndex:
     def _drop_holder(self, block_hash: int, address: str) -> None:
         holders = self._holders.get(block_hash)
         if holders is not None:
-            holders.discard(address)
-            if not holders:
+            holders &= ~(1 << self._bits[address])
+            if holders:
+                self._holders[block_hash] = holders
+            else:
                 del self._holders[block_hash]
 
     def _enforce_total(self) -> None:

@@ -194,21 +194,21 @@ class Scheduler:
                 )
                 return None
 
-        scores: dict[str, dict[str, float]] = {e.address: {} for e in endpoints}
-        totals = dict.fromkeys(scores, 0.0)
+        plugin_scores: dict[str, dict[str, float]] = {}
+        totals = {e.address: 0.0 for e in endpoints}
         for weighted in profile.scorers:
             started = time.perf_counter()
             values = weighted.scorer.score(state, endpoints)
             self._observe(profile.name, weighted.scorer, started)
-            for address, value in values.items():
-                value = clamp(value)
-                scores[address][weighted.scorer.name] = value
-                totals[address] += weighted.weight * value
+            clamped = plugin_scores[weighted.scorer.name] = {address: clamp(value) for address, value in values.items()}
+            weight = weighted.weight
+            for address, value in clamped.items():
+                totals[address] += weight * value
 
         started = time.perf_counter()
         targets = profile.picker.pick(state, [(e, totals[e.address]) for e in endpoints])
         self._observe(profile.name, profile.picker, started)
-        return ProfileResult(targets=targets, scores=scores, totals=totals)
+        return ProfileResult(targets=targets, plugin_scores=plugin_scores, totals=totals)
 
     def _observe(self, profile: str, plugin: Any, started: float) -> None:
         key = (profile, plugin.name)

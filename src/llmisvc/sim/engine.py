@@ -96,7 +96,11 @@ class SimEngine:
             on_removed=publisher.block_removed if publisher else None,
         )
         self.metrics = EngineMetrics(self.model_name)
+        # Admitted requests, including those whose prefill has not started yet.
         self.running = 0
+        # Admitted requests queued for the prefill lane: vLLM reports them as waiting,
+        # because its scheduler has not given them any compute yet.
+        self.prefill_queued = 0
         self._waiting: deque[tuple[SimRequest, int, asyncio.Future, list[int]]] = deque()
         self._prefill_free_at = 0.0
         self._rng = random.Random(config.seed)
@@ -105,12 +109,17 @@ class SimEngine:
 
     @property
     def waiting(self) -> int:
-        """Requests queued for admission."""
-        return len(self._waiting)
+        """Requests not yet computing: queued for admission or for the prefill lane."""
+        return len(self._waiting) + self.prefill_queued
+
+    @property
+    def computing(self) -> int:
+        """Requests in prefill or decode (vLLM's `num_requests_running`)."""
+        return self.running - self.prefill_queued
 
     def render_metrics(self) -> str:
         """Return the Prometheus text of this replica's metrics."""
-        return self.metrics.render(self.running, self.waiting, self.cache.usage, self.config.block_size, self.config.num_gpu_blocks)
+        return self.metrics.render(self.computing, self.waiting, self.cache.usage, self.config.block_size, self.config.num_gpu_blocks)
 
     def state(self) -> dict:
         """Return true cache contents and load (for oracle policies and tests)."""
@@ -118,7 +127,7 @@ class SimEngine:
             "engine_id": self.engine_id,
             "block_size": self.config.block_size,
             "hash_seed": self.config.hash_seed,
-            "running": self.running,
+            "running": self.computing,
             "waiting": self.waiting,
             "kv_cache_usage": self.cache.usage,
             "num_gpu_blocks": self.config.num_gpu_blocks,
@@ -173,7 +182,7 @@ class SimEngine:
             previous = request.first_token_time
             for index, piece in enumerate(pieces):
                 if index > 0:
-                    delay = self.config.latency.inter_token_latency(self.running, self.config.max_num_seqs)
+                    delay = self.config.latency.inter_token_latency(self.computing, self.config.max_num_seqs)
                     if delay > 0:
                         await asyncio.sleep(delay)
                     now = loop.time()
@@ -269,8 +278,14 @@ class SimEngine:
             return
         # Prefills share the accelerator: each starts when the previous one ends.
         start = max(loop.time(), self._prefill_free_at)
-        self._prefill_free_at = start + duration
-        await asyncio.sleep(self._prefill_free_at - loop.time())
+        end = self._prefill_free_at = start + duration
+        if start > loop.time():
+            self.prefill_queued += 1
+            try:
+                await asyncio.sleep(start - loop.time())
+            finally:
+                self.prefill_queued -= 1
+        await asyncio.sleep(end - loop.time())
 
     def _generated_pieces(self, request: SimRequest, count: int) -> list[str]:
         seed = request.seed if request.seed is not None else hash((self.config.seed, self._next_counter())) & 0xFFFFFFFF
