@@ -261,3 +261,17 @@ def test_invalid_spec_rejected_with_path(case, document, path, reason):
 
 def test_invalid_table_is_large_enough():
     assert len(INVALID) >= 30
+
+
+def test_kind_list_expanded():
+    text = dump({"apiVersion": "v1", "kind": "List", "items": [minimal_service(name="a"), config("c")]})
+    assert [(r.kind, r.name) for r in load_documents(text)] == [
+        ("LLMInferenceService", "a"), ("LLMInferenceServiceConfig", "c"),
+    ]
+
+
+def test_kind_list_item_error_path():
+    text = dump({"apiVersion": "v1", "kind": "List", "items": [minimal_service(name="a", replicas=-2)]})
+    with pytest.raises(SpecError) as info:
+        load_documents(text)
+    assert str(info.value) == "items[0].spec.replicas: must be >= 0, got -2"

@@ -76,6 +76,10 @@ CONTEXT = TemplateContext(
     ("{{ ChildName .ObjectMeta.Name `-epp-sa` }}", "svc-epp-sa"),
     ("{{.ObjectMeta.Name}}", "svc"),
     ("{{- .ObjectMeta.Namespace -}}", "team"),
+    ("a  {{- .ObjectMeta.Name -}}  b", "asvcb"),
+    ("a {{ .ObjectMeta.Name }} b", "a svc b"),
+    ('{{ "{{" }} message.content {{ "}}" }}', "{{ message.content }}"),
+    ("{{ `literal` }}", "literal"),
     ("/{{ .ObjectMeta.Namespace }}/{{ .ObjectMeta.Name }}/v1", "/team/svc/v1"),
     ("{{ .Spec.Model.Name }}", "llama"),
     ("{{ .Spec.Model.URI }}", "hf://a/b"),
@@ -96,6 +100,12 @@ def test_unknown_global_config_key():
     with pytest.raises(KeyError) as info:
         render_string("{{ .GlobalConfig.Missing }}", CONTEXT)
     assert ".GlobalConfig.Missing" in str(info.value)
+
+
+def test_unterminated_action_rejected():
+    with pytest.raises(ValueError) as info:
+        render_string("{{ .ObjectMeta.Name", CONTEXT)
+    assert "unterminated template action" in str(info.value)
 
 
 def test_unsupported_action_rejected():

@@ -83,15 +83,33 @@ def load_documents(text: str) -> list[Resource]:
     resources: list[Resource] = []
     errors: list[FieldError] = []
     for index, doc in enumerate(documents, start=1):
-        resource, doc_errors = load_document(doc)
+        doc_resources, doc_errors = _load_entry(doc)
         if len(documents) > 1:
             doc_errors = [FieldError(e.path, e.reason, index) for e in doc_errors]
         errors.extend(doc_errors)
-        if resource is not None:
-            resources.append(resource)
+        resources.extend(doc_resources)
     if errors:
         raise SpecError(errors)
     return resources
+
+
+def _load_entry(doc: AnyValue) -> tuple[list[Resource], list[FieldError]]:
+    """Validate one document, expanding a `kind: List` (as `kubectl get -o yaml` writes)."""
+    if not (isinstance(doc, dict) and doc.get("kind") == "List" and doc.get("apiVersion") == "v1"):
+        resource, errors = load_document(doc)
+        return ([resource] if resource is not None else []), errors
+
+    items = doc.get("items")
+    if not isinstance(items, list):
+        return [], [FieldError("items", f"must be list, got {type_of(items)}")]
+    resources, errors = [], []
+    for i, item in enumerate(items):
+        resource, item_errors = load_document(item)
+        errors += [FieldError(f"items[{i}].{e.path}" if e.path != DOCUMENT else f"items[{i}]", e.reason)
+                   for e in item_errors]
+        if resource is not None:
+            resources.append(resource)
+    return resources, errors
 
 
 def load_document(doc: AnyValue) -> tuple[Resource | None, list[FieldError]]:

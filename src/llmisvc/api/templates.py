@@ -5,9 +5,11 @@ Supported actions (whitespace-trimming `{{-` and `-}}` included):
 - `{{ .ObjectMeta.Name }}`, `{{ .ObjectMeta.Namespace }}`, `{{ .Spec.Model.Name }}`,
   `{{ .Spec.Model.URI }}`: fields of the service being rendered;
 - `{{ .GlobalConfig.KEY }}`: platform settings passed by the caller;
-- `{{ ChildName ARG "-suffix" }}` (or a backquoted suffix): a Kubernetes-safe child name.
+- `{{ ChildName ARG "-suffix" }}` (or a backquoted suffix): a Kubernetes-safe child name;
+- `{{ "text" }}` or ``{{ `text` }}``: the literal text, so `{{ "{{" }}` writes a literal `{{`
+  (for example in an inline Jinja chat template passed as an argument).
 
-Anything else is a TemplateError naming the unknown key, never an empty string.
+Anything else is an error naming the unknown key or action, never an empty string.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ MD5_HEX_LENGTH = 32
 # Part of a long parent kept in front of the digest: 63 - 32 = 31 characters, less the suffix.
 _HEAD = MAX_NAME_LENGTH - MD5_HEX_LENGTH
 
-_ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.DOTALL)
 _CHILD_NAME = re.compile(r'^ChildName\s+(\.[A-Za-z0-9_.]+)\s+(?:"((?:[^"\\]|\\.)*)"|`([^`]*)`)$')
 _FIELD = re.compile(r"^\.[A-Za-z0-9_.]+$")
+_LITERAL = re.compile(r'^(?:"((?:[^"\\]|\\.)*)"|`([^`]*)`)$')
 
 
 def child_name(parent: str, suffix: str) -> str:
@@ -90,18 +92,64 @@ class TemplateContext:
         return self.values[key]
 
 
+def _parse(text: str) -> list[tuple[str, str, bool, bool]]:
+    """Split `text` into ("text", value, False, False) and ("action", body, trim_left, trim_right).
+
+    An action ends at the first `}}` outside a quoted string, so `{{ "}}" }}` is one action.
+    `{{- ` and ` -}}` ask for the whitespace before or after the action to be trimmed.
+    Raises ValueError for an action without its closing `}}`.
+    """
+    pieces: list[tuple[str, str, bool, bool]] = []
+    position = 0
+    while True:
+        start = text.find("{{", position)
+        if start < 0:
+            pieces.append(("text", text[position:], False, False))
+            return pieces
+        pieces.append(("text", text[position:start], False, False))
+        index, quote, end = start + 2, None, -1
+        while index < len(text):
+            char = text[index]
+            if quote is not None:
+                if char == "\\" and quote == '"':
+                    index += 1
+                elif char == quote:
+                    quote = None
+            elif char in "\"`":
+                quote = char
+            elif text.startswith("}}", index):
+                end = index
+                break
+            index += 1
+        if end < 0:
+            raise ValueError(f"unterminated template action in {text!r}: add the closing }}}}")
+        body = text[start + 2:end]
+        trim_left = body.startswith("- ") or body == "-"
+        trim_right = body.endswith(" -")
+        body = body[1:] if trim_left else body
+        body = body[:-1] if trim_right else body
+        pieces.append(("action", body.strip(), trim_left, trim_right))
+        position = end + 2
+
+
 def render_string(text: str, context: TemplateContext) -> str:
     """Render every `{{ ... }}` action in `text`; raise KeyError/ValueError for bad actions."""
     if "{{" not in text:
         return text
 
-    def replace(match: re.Match) -> str:
-        return str(_evaluate(match.group(1), context))
-
-    rendered = _ACTION.sub(replace, text)
-    if "{{" in rendered and _ACTION.search(text) is None:
-        raise ValueError(f"unterminated template action in {text!r}")
-    return rendered
+    pieces = _parse(text)
+    output: list[str] = []
+    trim_next = False
+    for kind, body, trim_left, trim_right in pieces:
+        if kind == "text":
+            output.append(body.lstrip() if trim_next else body)
+            trim_next = False
+            continue
+        if trim_left and output:
+            output[-1] = output[-1].rstrip()
+        output.append(str(_evaluate(body, context)))
+        trim_next = trim_right
+    return "".join(output)
 
 
 def _evaluate(action: str, context: TemplateContext) -> AnyValue:
@@ -114,6 +162,11 @@ def _evaluate(action: str, context: TemplateContext) -> AnyValue:
         return child_name(str(parent), suffix)
     if _FIELD.match(action):
         return context.lookup(action)
+    literal = _LITERAL.match(action)
+    if literal:
+        if literal.group(1) is not None:
+            return bytes(literal.group(1), "utf-8").decode("unicode_escape")
+        return literal.group(2)
     raise ValueError(f"unsupported template action {{{{ {action} }}}}: use a field such as "
                      ".ObjectMeta.Name, .GlobalConfig.KEY or ChildName .ObjectMeta.Name \"-suffix\"")
 
