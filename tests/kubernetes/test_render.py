@@ -95,8 +95,18 @@ def test_scheduler_shape_names_and_labels():
     scheduler = objects[("Deployment", "qwen-chat-kserve-router-scheduler")]
     assert scheduler["metadata"]["labels"]["app.kubernetes.io/component"] == \
         "llminferenceservice-router-scheduler"
-    gateway = main_container(scheduler["spec"]["template"]["spec"])
+    pod = scheduler["spec"]["template"]["spec"]
+    gateway = main_container(pod)
     assert gateway["command"] == ["llmisvc", "gateway"]
+    assert "--admin-token-file" in gateway["args"]
+    discover = next(c for c in pod["containers"] if c["name"] == "pool-discovery")
+    assert discover["command"] == ["llmisvc", "discover"]
+    config = yaml.safe_load(objects[("ConfigMap", "qwen-chat-kserve-router-scheduler-config")]
+                            ["data"]["service.yaml"])
+    assert config["entry"]["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert config["entry"]["shape"] == "scheduler"
+    pool = objects[("InferencePool", "qwen-chat-inference-pool")]
+    assert config["discovery"]["selector"] == pool["spec"]["selector"]["matchLabels"]
     assert ("Service", "qwen-chat-kserve-workload-svc") in objects
     assert objects[("Service", "qwen-chat-kserve-workload-svc")]["spec"]["ports"][0]["port"] == 8000
     for key in [("Service", "qwen-chat-epp-service"), ("ServiceAccount", "qwen-chat-epp-sa"),

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sidecar": ("llmisvc.gateway.sidecar", "run the decode-side prefill/decode proxy (Kubernetes)"),
     "operator": ("llmisvc.runtime.kubernetes.cli", "run the Kubernetes operator"),
     "install": ("llmisvc.runtime.kubernetes.cli", "print CRDs, RBAC and the operator Deployment"),
+    "discover": ("llmisvc.runtime.kubernetes.cli", "feed a gateway the ready pods of a service's pool (Kubernetes)"),
     "bench": ("llmisvc.bench.cli", "load-test an OpenAI-compatible endpoint"),
 }
 

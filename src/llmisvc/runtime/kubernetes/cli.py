@@ -1,17 +1,19 @@
-"""`llmisvc operator` and `llmisvc install --print`."""
+"""`llmisvc operator`, `llmisvc discover` and `llmisvc install --print`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
 
 def add_parser(subparsers, name: str, help: str) -> None:
-    """Add the `operator` or `install` subcommand parser."""
+    """Add the `operator`, `discover` or `install` subcommand parser."""
     if name == "operator":
         parser = subparsers.add_parser(name, help=help, description=help)
         parser.add_argument("--namespace", action="append", default=[], dest="namespaces",
@@ -30,6 +32,22 @@ def add_parser(subparsers, name: str, help: str) -> None:
                             help="image for llmisvc engines, gateway and sidecar")
         parser.add_argument("--vllm-image", default=None, help="image for vLLM engines")
         parser.set_defaults(func=run_operator_command)
+    elif name == "discover":
+        parser = subparsers.add_parser(name, help=help, description=help)
+        parser.add_argument("--config", type=Path, required=True,
+                            help="sync config file: namespace, name, entry and discovery (YAML)")
+        parser.add_argument("--gateway-url", default="http://127.0.0.1:8000",
+                            help="base URL of the gateway's admin API (default http://127.0.0.1:8000)")
+        parser.add_argument("--admin-token-file", type=Path, required=True,
+                            help="file holding the gateway's admin API token")
+        parser.add_argument("--api-server", default=None,
+                            help="Kubernetes API server URL without credentials (for tests); "
+                                 "default: the pod's service account")
+        parser.add_argument("--resend-seconds", type=float, default=30.0,
+                            help="seconds between re-sends of an unchanged entry (default 30)")
+        parser.add_argument("--watch-timeout", type=int, default=300,
+                            help="seconds before each pod watch is closed and re-listed (default 300)")
+        parser.set_defaults(func=run_discover_command)
     else:
         parser = subparsers.add_parser(name, help=help, description=help)
         parser.add_argument("--print", action="store_true", dest="print_manifests", required=True,
@@ -39,6 +57,37 @@ def add_parser(subparsers, name: str, help: str) -> None:
                             help="namespace of the operator (default llmisvc-system)")
         parser.add_argument("--image", default=None, help="operator image (default: this version's)")
         parser.set_defaults(func=run_install_command)
+
+
+logger = logging.getLogger(__name__)
+
+
+def run_discover_command(args: argparse.Namespace) -> int:
+    """Feed the gateway the ready pods of one service's pool until interrupted."""
+    from llmisvc.runtime.kubernetes.client import KubeClient
+    from llmisvc.runtime.kubernetes.pool_sync import GatewaySync, SyncConfigError, load_sync_config
+
+    try:
+        config = load_sync_config(args.config)
+        token = args.admin_token_file.read_text().strip()
+        client = KubeClient(args.api_server) if args.api_server else KubeClient.in_cluster()
+    except (SyncConfigError, OSError, RuntimeError) as error:
+        logger.error("cannot start pod discovery: %s", error)
+        return 2
+
+    async def main() -> None:
+        sync = GatewaySync(client, config, args.gateway_url, token,
+                           resend_seconds=args.resend_seconds, watch_timeout=args.watch_timeout)
+        try:
+            await sync.run()
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 def run_install_command(args: argparse.Namespace) -> int:

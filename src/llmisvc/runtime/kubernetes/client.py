@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import ssl
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -19,6 +20,7 @@ import aiohttp
 logger = logging.getLogger(__name__)
 
 FIELD_MANAGER = "llmisvc"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,18 @@ class KubeClient:
             key_path=info.private_key_path,
             insecure=bool(info.insecure),
         )
+
+    @classmethod
+    def in_cluster(cls) -> "KubeClient":
+        """Build a client from the pod's service account; raises RuntimeError outside a cluster."""
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        if not host:
+            raise RuntimeError("KUBERNETES_SERVICE_HOST is unset: not running in a cluster")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        with open(f"{SERVICE_ACCOUNT_DIR}/token") as token_file:
+            token = token_file.read().strip()
+        server_host = f"[{host}]" if ":" in host else host
+        return cls(f"https://{server_host}:{port}", token=token, ca_path=f"{SERVICE_ACCOUNT_DIR}/ca.crt")
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -34,6 +34,12 @@ class ServiceContext:
     def __post_init__(self) -> None:
         self.names = ChildNames(self.name)
 
+    @property
+    def pool_name(self) -> str:
+        """Return the InferencePool's name: `router.scheduler.pool.ref.name`, else the rendered one."""
+        pool = (((self.spec.get("router") or {}).get("scheduler") or {}).get("pool") or {})
+        return (pool.get("ref") or {}).get("name") or self.names.pool
+
     def metadata(self, name: str, labels: dict[str, str], annotations: dict | None = None) -> dict:
         """Return object metadata for child `name`: namespace, labels, owner reference."""
         meta: dict = {

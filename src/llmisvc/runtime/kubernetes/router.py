@@ -19,7 +19,9 @@ from llmisvc.runtime.kubernetes.workload import WORKLOAD_PORT
 
 GATEWAY_PORT = 8000
 CONFIG_DIR = "/etc/llmisvc"
-CONFIG_FILE = "gateway.yaml"
+CONFIG_FILE = "service.yaml"
+TOKEN_DIR = "/var/run/llmisvc"
+TOKEN_FILE = f"{TOKEN_DIR}/admin-token"
 POOL_API_VERSION = "inference.networking.k8s.io/v1"
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 
@@ -38,62 +40,87 @@ def _pool_ref(ctx: ServiceContext) -> str | None:
     return (pool.get("ref") or {}).get("name")
 
 
-def gateway_config(ctx: ServiceContext) -> dict:
-    """Return the gateway's `--config` document: this service with pod discovery.
+def sync_config(ctx: ServiceContext) -> dict:
+    """Return the `llmisvc discover` config: the gateway's service entry and which pods feed it.
 
-    Endpoints come from pods matching the pool selector (see `discovery.py`), not from a
-    static list.
+    The selector is the one the rendered InferencePool uses (decode and prefill pods alike).
+    NOTE: with `router.scheduler.pool.ref` the referenced pool's own selector is not read, so
+    its pods must carry the same workload labels.
     """
-    pool_name = _pool_ref(ctx) or ctx.names.pool
     return {
-        "services": [
-            {
-                "namespace": ctx.namespace,
-                "name": ctx.name,
-                "model": ctx.model_name,
-                "shape": ctx.shape,
-                "scheduler_config": ctx.scheduler_config,
-                "criticality": (ctx.spec.get("model") or {}).get("criticality", "Standard"),
-                "endpoints": [],
-                "discovery": {
-                    "namespace": ctx.namespace,
-                    "pool": pool_name,
-                    "selector": n.pool_selector(ctx.name),
-                    "targetPort": WORKLOAD_PORT,
-                },
-            }
-        ]
+        "namespace": ctx.namespace,
+        "name": ctx.name,
+        "entry": {
+            "model": ctx.model_name,
+            "shape": ctx.shape,
+            "scheduler_config": ctx.scheduler_config,
+            "criticality": (ctx.spec.get("model") or {}).get("criticality") or "Standard",
+        },
+        "discovery": {
+            "namespace": ctx.namespace,
+            "selector": n.pool_selector(ctx.name),
+            "targetPort": WORKLOAD_PORT,
+        },
     }
 
 
 def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
-    """Return the scheduler pod: the template's pod settings with llmisvc's gateway as `main`."""
+    """Return the scheduler pod: llmisvc's gateway as `main`, `llmisvc discover` beside it.
+
+    The gateway replaces whatever endpoint picker the template names; only the template
+    container's resources, env and security context, and the pod's placement, are kept. An
+    init container writes a random admin token that both containers read, so only the
+    discovery container can change the gateway's routing state.
+    """
     template = copy.deepcopy((_router(ctx).get("scheduler") or {}).get("template") or {})
     containers = template.get("containers") or []
     main = next((c for c in containers if c.get("name") == "main"), {})
-    # The gateway replaces whatever endpoint picker the template names; only the container's
-    # resources, env and placement are kept.
-    container = {
+    token_mount = {"name": "admin-token", "mountPath": TOKEN_DIR}
+    config_mount = {"name": "scheduler-config", "mountPath": CONFIG_DIR, "readOnly": True}
+
+    gateway = {
         "name": "main",
         "image": ctx.options.llmisvc_image,
         "command": ["llmisvc", "gateway"],
-        "args": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
-                 "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"],
+        "args": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--admin-token-file", TOKEN_FILE],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "volumeMounts": [{"name": "gateway-config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        "volumeMounts": [{**token_mount, "readOnly": True}],
         "readinessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 20,
                           "failureThreshold": 6},
     }
     for key in ("resources", "env", "envFrom", "securityContext"):
         if main.get(key):
-            container[key] = main[key]
-    template["containers"] = [container] + [c for c in containers if c.get("name") != "main"]
+            gateway[key] = main[key]
+    discover = {
+        "name": "pool-discovery",
+        "image": ctx.options.llmisvc_image,
+        "command": ["llmisvc", "discover"],
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}",
+                 "--gateway-url", f"http://127.0.0.1:{GATEWAY_PORT}",
+                 "--admin-token-file", TOKEN_FILE],
+        "volumeMounts": [config_mount, {**token_mount, "readOnly": True}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+    }
+    token = {
+        "name": "admin-token",
+        "image": ctx.options.llmisvc_image,
+        "command": ["python", "-c",
+                    f"import secrets; open('{TOKEN_FILE}', 'w').write(secrets.token_hex(32))"],
+        "volumeMounts": [token_mount],
+    }
+
+    template["initContainers"] = [c for c in template.get("initContainers") or []
+                                  if c.get("name") != "admin-token"] + [token]
+    others = [c for c in containers if c.get("name") not in ("main", "pool-discovery")]
+    template["containers"] = [gateway, discover] + others
     template["serviceAccountName"] = ctx.names.scheduler_account
-    template["volumes"] = [v for v in template.get("volumes") or [] if v.get("name") != "gateway-config"]
-    template["volumes"].append(
-        {"name": "gateway-config", "configMap": {"name": ctx.names.scheduler_config}}
-    )
+    volumes = [v for v in template.get("volumes") or []
+               if v.get("name") not in ("scheduler-config", "admin-token")]
+    template["volumes"] = volumes + [
+        {"name": "scheduler-config", "configMap": {"name": ctx.names.scheduler_config}},
+        {"name": "admin-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
     return template
 
 
@@ -104,7 +131,7 @@ def scheduler_objects(ctx: ServiceContext) -> list[dict]:
     labels = n.base_labels(ctx.name, n.SCHEDULER_COMPONENT)
     names = ctx.names
     replicas = (_router(ctx).get("scheduler") or {}).get("replicas", 1)
-    config_text = yaml.safe_dump(gateway_config(ctx), sort_keys=False)
+    config_text = yaml.safe_dump(sync_config(ctx), sort_keys=False)
     return [
         {
             "apiVersion": "v1",
