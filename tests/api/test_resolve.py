@@ -265,3 +265,90 @@ def test_default_gateway_without_refs():
     resolved = _resolve(minimal_service(router={"route": {}, "gateway": {}}))
     parent = resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"][0]
     assert (parent["name"], parent["namespace"]) == ("kserve-ingress-gateway", "kserve")
+
+
+KITCHEN_SINK = """
+apiVersion: serving.kserve.io/v1alpha2
+kind: LLMInferenceService
+metadata:
+  name: llama-3-8b
+  namespace: llm
+  labels: {team: research}
+  annotations: {llmisvc.io/engine: vllm}
+spec:
+  model:
+    uri: hf://meta-llama/Llama-3.1-8B-Instruct
+    name: meta-llama/Llama-3.1-8B-Instruct
+  replicas: 2
+  parallelism: {tensor: 2}
+  template:
+    serviceAccountName: llm-runner
+    nodeSelector: {nvidia.com/gpu.product: H100}
+    tolerations:
+      - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+    affinity:
+      podAntiAffinity:
+        preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm:
+              topologyKey: kubernetes.io/hostname
+              labelSelector: {matchLabels: {app: llama}}
+    securityContext: {runAsNonRoot: true, fsGroup: 2000}
+    containers:
+      - name: main
+        image: vllm/vllm-openai:v0.10.0
+        args: [--max-model-len=8192, --gpu-memory-utilization=0.9]
+        env:
+          - name: HF_TOKEN
+            valueFrom: {secretKeyRef: {name: hf-token, key: token}}
+          - name: POD_NAME
+            valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        resources:
+          limits: {nvidia.com/gpu: "2", memory: 64Gi, cpu: "8"}
+          requests: {nvidia.com/gpu: "2", memory: 32Gi, cpu: "4"}
+        startupProbe:
+          httpGet: {path: /health, port: 8000}
+          failureThreshold: 60
+          periodSeconds: 10
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities: {drop: [ALL]}
+        volumeMounts:
+          - {name: cache, mountPath: /models}
+    volumes:
+      - name: cache
+        persistentVolumeClaim: {claimName: model-cache}
+  router:
+    route: {}
+    gateway: {refs: [{name: ingress, namespace: gateways}]}
+    scheduler:
+      config:
+        inline:
+          apiVersion: inference.networking.x-k8s.io/v1alpha1
+          kind: EndpointPickerConfig
+          plugins: [{type: queue-scorer}, {type: max-score-picker}]
+          schedulingProfiles:
+            - name: default
+              plugins: [{pluginRef: queue-scorer, weight: 1}, {pluginRef: max-score-picker}]
+"""
+
+
+def test_kubernetes_fields_kept_through_resolve():
+    resolved = _resolve_text(KITCHEN_SINK)
+    template = resolved.spec["template"]
+    assert template["serviceAccountName"] == "llm-runner"
+    assert template["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+    assert template["tolerations"][0]["operator"] == "Exists"
+    assert template["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 100
+    assert template["securityContext"] == {"runAsNonRoot": True, "fsGroup": 2000}
+    assert [v["name"] for v in template["volumes"]] == ["home", "dshm", "cache"]
+    main = resolved.main_container
+    assert main["image"] == "vllm/vllm-openai:v0.10.0"
+    assert main["env"][0]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert main["startupProbe"]["failureThreshold"] == 60
+    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert main["volumeMounts"][-1] == {"name": "cache", "mountPath": "/models"}
+    assert resolved.scheduler_config["plugins"][0] == {"type": "queue-scorer"}
+    assert resolved.obj["metadata"]["annotations"] == {"llmisvc.io/engine": "vllm"}
+    assert resolved.namespace == "llm"
+    assert resolved.model_name == "meta-llama/Llama-3.1-8B-Instruct"

@@ -125,7 +125,10 @@ def resolve(
     shape_spec = merge_layers(base_layers + [service.spec])
     preset_names = preset_data.select_presets(shape_spec)
     shipped = preset_data.load_presets()
-    preset_layers = [(configs.get(name) or shipped[name]).spec for name in preset_names]
+    preset_layers = []
+    for name in preset_names:
+        override = configs.get(name)
+        preset_layers.append((override if override is not None and override.kind == CONFIG_KIND else shipped[name]).spec)
 
     merged = merge_layers(preset_layers + base_layers + [service.spec])
     merged.pop("baseRefs", None)
