@@ -205,7 +205,7 @@ def test_cpu_template_runs_builtin_engine():
     workload = by_key(render("no-scheduler"))[("Deployment", "smollm2-kserve")]
     engine = main_container(workload["spec"]["template"]["spec"])
     assert engine["image"].startswith("llmisvc/llmisvc:")
-    assert engine["command"] == ["llmisvc", "builtin"] or engine["command"] == ["llmisvc", "engine"]
+    assert engine["command"] == ["llmisvc", "engine"]
     assert "--kv-transfer-config" not in engine["args"]
 
 

@@ -117,7 +117,7 @@ def engine_flags(
             args += ["--kv-transfer-config", json.dumps(NIXL_KV_TRANSFER_CONFIG, separators=(",", ":"))]
         return command, args
 
-    command = ["llmisvc", engine]
+    command = ["llmisvc", "engine" if engine == "builtin" else "sim"]
     args = [
         "--model", model_path,
         "--host", "0.0.0.0",
