@@ -275,3 +275,29 @@ def test_kind_list_item_error_path():
     with pytest.raises(SpecError) as info:
         load_documents(text)
     assert str(info.value) == "items[0].spec.replicas: must be >= 0, got -2"
+
+
+def test_duplicate_key_rejected():
+    text = dump(minimal_service(replicas=1)) + "  replicas: 3\n"
+    with pytest.raises(SpecError) as info:
+        load_documents(text)
+    reason = info.value.errors[0].reason
+    assert "duplicate key 'replicas'" in reason
+    assert "line" in reason
+
+
+def test_yaml_merge_keys_allowed():
+    text = """
+defaults: &defaults
+  uri: hf://HuggingFaceTB/SmolLM2-135M-Instruct
+apiVersion: serving.kserve.io/v1alpha2
+kind: LLMInferenceService
+metadata: {name: merged}
+spec:
+  model:
+    <<: *defaults
+    name: merged-model
+"""
+    with pytest.raises(SpecError) as info:
+        load_documents(text)
+    assert [e.path for e in info.value.errors] == ["defaults"]

@@ -3,6 +3,8 @@
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spec_factory import config, dump, minimal_service
 
@@ -143,3 +145,16 @@ def test_resolve_global_config_override():
     resolved = resolve(resource, global_config={"GatewayName": "site-gateway"})
     parent = resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"][0]
     assert parent["name"] == "site-gateway"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abcdefghij0123456789-", min_size=1, max_size=120),
+       st.text(alphabet="abcxyz0123456789-", max_size=70))
+def test_child_name_properties(parent, suffix):
+    name = child_name(parent, suffix)
+    if len(parent) + len(suffix) <= 63:
+        assert name == parent + suffix
+    else:
+        assert len(name) <= 63
+        assert name == "" or name[-1].isalnum()
+    assert child_name(parent, suffix) == name

@@ -44,7 +44,27 @@ class Resource:
 
 
 class _Loader(yaml.SafeLoader):
-    """A safe YAML loader that keeps timestamps as strings, as the Kubernetes API does."""
+    """A safe YAML loader that keeps timestamps as strings and rejects duplicate keys.
+
+    The Kubernetes API keeps timestamps as strings. A duplicate key is almost always a
+    mistake (two `replicas:` lines), and kubectl's strict decoding rejects it too, whereas
+    plain PyYAML would silently keep the last value.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[str, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                first = seen[key_node.value]
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"duplicate key {key_node.value!r} (first defined on line {first.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key_node.value] = key_node.start_mark
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {
