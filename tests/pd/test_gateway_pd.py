@@ -64,7 +64,7 @@ def gateway(tmp_path_factory):
         start([*sim, "--port", str(ports["trap"])], logs / "trap.log"),
     ]
     address = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    # A sidecar that would honour a prefill header naming the trap: it only sees one if the
+    # A sidecar that would honour a prefill header naming the trap: it receives one only if the
     # gateway forwards the client's header.
     processes.append(
         start(

@@ -1,7 +1,7 @@
 """KV-block transfer between real engines (embedded SmolLM2, float32) through the sidecar.
 
 Three engines run once for the module: a prefill engine, a decode engine and an aggregated
-reference engine; `llmisvc sidecar` in front of the decode engine runs the two legs.
+reference engine. `llmisvc sidecar` in front of the decode engine runs the two legs.
 """
 
 from __future__ import annotations

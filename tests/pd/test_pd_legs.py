@@ -1,4 +1,4 @@
-"""Prefill and decode leg bodies, and the usage rewrite of the decode answer."""
+"""Prefill and decode leg bodies, and the usage rewrite of the decode response."""
 
 from __future__ import annotations
 

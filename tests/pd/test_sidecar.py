@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
         start([*sim, "--port", str(prefill_port)], logs / "prefill.log"),
         start([*sim, "--port", str(failing_port), "--failure-rate", "1", "--failure-types", "500"], logs / "failing.log"),
         # No prefix caching on the decode replica: cached_tokens can then only come from the
-        # prefill replica's answer.
+        # prefill replica's response.
         start([*sim, "--port", str(decode_port), "--no-enable-prefix-caching"], logs / "decode.log"),
     ]
     pool = ",".join(f"127.0.0.1:{port}" for port in (prefill_port, failing_port, dead_port))
@@ -115,7 +115,7 @@ def test_stream_chat_gets_sse_after_json_prefill(cluster):
     assert text
     assert len(usage) == 1
     assert usage[0].completion_tokens == 20
-    # A streamed (SSE) prefill answer would not parse as JSON and would count a fallback.
+    # A streamed (SSE) prefill response would not parse as JSON and would count a fallback.
     assert _metric(metrics_url, "llmisvc_pd_fallbacks_total") == fallbacks_before
     assert _metric(cluster["decode"] + "/metrics", "sim:kv_transfer_tokens_total") > transferred_before
 

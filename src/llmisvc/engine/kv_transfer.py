@@ -636,7 +636,7 @@ class NixlConnector:
         with self._held_lock:
             held = self._held.get(request_id)
             if held is None:
-                raise KVTransferError("not_held", f"request {request_id} holds no blocks (expired or already freed)")
+                raise KVTransferError("not_held", f"request {request_id} has no held blocks (lease expired or already freed)")
             try:
                 return [held.slot_of_block[block_id] for block_id in block_ids]
             except KeyError as exc:
@@ -686,7 +686,7 @@ class NixlConnector:
 
         `block_ids` are this engine's blocks for the whole prompt; the first
         `first_uncached_block` of them already hold the right KV from the local prefix cache.
-        The prefill side is told to free its blocks whether the pull succeeds or not.
+        The prefill side gets a free notification whether the pull succeeds or not.
         Raises KVTransferError (with `reason`) on any failure. If the calling task is
         cancelled, waits for the worker thread to stop before re-raising, so no write into
         `block_ids` happens after this returns.
@@ -875,7 +875,7 @@ class NixlConnector:
             try:
                 reply = recv_frame(sock)
             except socket.timeout as exc:
-                raise KVTransferError("timeout", f"{address[0]}:{address[1]} did not answer {message['op']}") from exc
+                raise KVTransferError("timeout", f"{address[0]}:{address[1]} did not respond to {message['op']}") from exc
         _raise_for_error(reply)
         return reply
 

@@ -8,10 +8,10 @@ The gateway (local mode) and the decode-side sidecar (Kubernetes) both use this 
    - otherwise `outcome.decode_body` is the decode leg's body: the original request plus the
      prefill's `kv_transfer_params`, or the original request alone when the prefill leg
      failed (5xx, timeout, refused connection: decode-only fallback, logged and counted) or
-     answered without `kv_transfer_params` (the decode engine recomputes the prompt).
-2. The caller sends `decode_body` to the decode endpoint and relays the answer. When the
+     returned no `kv_transfer_params` (the decode engine recomputes the prompt).
+2. The caller sends `decode_body` to the decode endpoint and relays the response. When the
    prefill engine reported cache hits, `outcome.usage_rewriter()` returns a filter that sets
-   `usage.prompt_tokens_details.cached_tokens` of the decode answer to the prefill replica's
+   `usage.prompt_tokens_details.cached_tokens` of the decode response to the prefill replica's
    count (SSE events without usage pass through byte for byte).
 3. If the request ends between the legs (client disconnect, decode endpoint unreachable),
    the caller awaits `release_prefill(outcome)`, which tells the prefill engine to free the
@@ -142,7 +142,7 @@ class PrefillOutcome:
         return self.kv_transfer_params is not None
 
     def usage_rewriter(self) -> "UsageRewriter | None":
-        """Return a filter for the decode answer's usage, or None when nothing needs changing."""
+        """Return a filter for the decode response's usage, or None when nothing needs changing."""
         if not self.split or self.prefill_cached_tokens is None:
             return None
         return UsageRewriter(self.prefill_cached_tokens)
@@ -192,21 +192,21 @@ class PDOrchestrator:
             self.metrics.prefill_duration.labels(model=model).observe(time.perf_counter() - started)
 
         if 400 <= status < 500:
-            logger.info("request %s: prefill endpoint %s answered %d; returned to the client", request_id, prefill_address, status)
+            logger.info("request %s: prefill endpoint %s returned %d; passing it to the client", request_id, prefill_address, status)
             return PrefillOutcome(response=(status, body), prefill_address=prefill_address)
         if not 200 <= status < 300:
             reason = "prefill_5xx" if status >= 500 else "prefill_status"
             return self._fallback(request, model, request_id, prefill_address, reason, f"status {status}")
 
         try:
-            answer = loads(body)
+            response = loads(body)
         except JSONDecodeError:
             return self._fallback(request, model, request_id, prefill_address, "prefill_bad_body", "body is not JSON")
-        if not isinstance(answer, dict):
+        if not isinstance(response, dict):
             return self._fallback(request, model, request_id, prefill_address, "prefill_bad_body", "body is not an object")
 
-        params = answer.get("kv_transfer_params")
-        cached = _cached_tokens(answer.get("usage"))
+        params = response.get("kv_transfer_params")
+        cached = _cached_tokens(response.get("usage"))
         if not isinstance(params, dict) or not params.get("do_remote_prefill"):
             # The prefill engine did not keep blocks (no connector, or it could not stage
             # them): the decode engine computes the whole prompt itself.
@@ -244,8 +244,8 @@ class PDOrchestrator:
     async def release_prefill(self, outcome: PrefillOutcome) -> bool:
         """Tell the prefill engine to free the blocks held for `outcome`; return True if freed.
 
-        Only the host of the prefill endpoint that answered is contacted, on the side-channel
-        port its own answer named, so a response cannot direct the gateway elsewhere.
+        Only the host of the prefill endpoint that served the leg is contacted, on the
+        side-channel port its own response named, so a response cannot direct the gateway elsewhere.
         Idempotent; failures are logged and leave the blocks to the prefill engine's lease.
         """
         params = outcome.kv_transfer_params
@@ -292,7 +292,7 @@ def _cached_tokens(usage: Any) -> int | None:
 
 
 class UsageRewriter:
-    """Set `usage.prompt_tokens_details.cached_tokens` in a decode answer to the prefill's count.
+    """Set `usage.prompt_tokens_details.cached_tokens` in a decode response to the prefill's count.
 
     For SSE, `feed(chunk)` returns the bytes to relay now and `flush()` the rest at the end.
     Complete events without a `"usage"` key are returned byte for byte; an unfinished event
@@ -328,14 +328,14 @@ class UsageRewriter:
         return data
 
     def rewrite_json(self, body: bytes) -> bytes:
-        """Return a JSON answer with its usage rewritten, or `body` unchanged if it has none."""
+        """Return a JSON response with its usage rewritten, or `body` unchanged if it has none."""
         try:
-            answer = loads(body)
+            response = loads(body)
         except JSONDecodeError:
             return body
-        if not isinstance(answer, dict) or not self._apply(answer):
+        if not isinstance(response, dict) or not self._apply(response):
             return body
-        return dumps(answer)
+        return dumps(response)
 
     def _rewrite_events(self, data: bytes) -> bytes:
         lines = data.split(b"\n")
@@ -352,8 +352,8 @@ class UsageRewriter:
                 lines[index] = b"data: " + dumps(event) + ending
         return b"\n".join(lines)
 
-    def _apply(self, answer: dict[str, Any]) -> bool:
-        usage = answer.get("usage")
+    def _apply(self, response: dict[str, Any]) -> bool:
+        usage = response.get("usage")
         if not isinstance(usage, dict):
             return False
         details = usage.get("prompt_tokens_details")

@@ -8,12 +8,11 @@ gateway (`llmisvc.gateway.pd`). Requests without the header, and every other pat
 proxied to the local engine unchanged.
 
 A prefill address must belong to the service's pool, so a request cannot make the sidecar
-call an arbitrary host: it is checked against `--prefill-pool host:port,...` (static, exact
-host and port) and, with `--enable-ssrf-protection`, against the IPs of the pods selected by
-the InferencePool named by `--inference-pool-name` / `--inference-pool-namespace`, read from
-the Kubernetes API with the pod's service account (any port on those hosts, as llm-d does).
-An address in neither is answered with 403. With no pool source configured every prefill
-address is refused.
+call an arbitrary host. The sidecar checks it against `--prefill-pool host:port,...` (static,
+exact host and port). With `--enable-ssrf-protection` it also accepts any port on the IPs of
+the pods that the InferencePool (`--inference-pool-name`, `--inference-pool-namespace`)
+selects, read from the Kubernetes API with the pod's service account, as llm-d does. Any
+other address gets 403, and with no pool source configured every prefill address does.
 
 Flag names follow llm-d's routing sidecar (`--port`, `--vllm-port`, `--connector`,
 `--prefiller-use-tls`, `--decoder-use-tls`, `--prefiller-tls-insecure-skip-verify`,
@@ -140,8 +139,8 @@ def parse_pool(text: str) -> set[str]:
 class PrefillPool:
     """The set of prefill addresses the sidecar may call.
 
-    `static` holds exact host:port entries; `hosts` holds pod IPs learned from Kubernetes,
-    any port allowed.
+    `static` contains exact host:port entries; `hosts` contains pod IPs learned from
+    Kubernetes, on which any port is allowed.
     """
 
     def __init__(self, static: set[str]):
@@ -231,7 +230,7 @@ class KubernetesPoolSource:
             if response.status == 404:
                 raise LookupError(url)
             if response.status != 200:
-                raise RuntimeError(f"GET {url} answered {response.status}: {(await response.text())[:200]}")
+                raise RuntimeError(f"GET {url} failed with status {response.status}: {(await response.text())[:200]}")
             return await response.json()
 
     async def run(self, session: Any) -> None:
@@ -257,7 +256,10 @@ async def _serve(args: argparse.Namespace, static_pool: set[str]) -> None:
         source = KubernetesPoolSource(pool, args.inference_pool_namespace, args.inference_pool_name)
         tasks.append(asyncio.create_task(source.run(app.session)))
     if not static_pool and not args.enable_ssrf_protection:
-        logger.warning("no prefill pool configured (--prefill-pool or --enable-ssrf-protection): every x-prefiller-host-port is refused")
+        logger.warning(
+            "no prefill pool is configured: every x-prefiller-host-port gets 403; "
+            "set --prefill-pool or --enable-ssrf-protection"
+        )
 
     ssl_context = None
     if args.secure_proxy:
@@ -409,7 +411,7 @@ class SidecarApp:
         except aiohttp.ClientConnectorError as exc:
             raise PrefillLegFailed("connect", str(exc)) from exc
         except asyncio.TimeoutError as exc:
-            raise PrefillLegFailed("timeout", f"no answer within {timeout}s") from exc
+            raise PrefillLegFailed("timeout", f"no response within {timeout}s") from exc
         except aiohttp.ClientError as exc:
             raise PrefillLegFailed("closed", str(exc)) from exc
 
@@ -424,7 +426,7 @@ class SidecarApp:
         request_id: str | None = None,
         outcome: Any = None,
     ) -> Any:
-        """Send one request to the decode engine and stream its answer back."""
+        """Send one request to the decode engine and stream its response back."""
         import aiohttp
         from aiohttp import web
 
@@ -449,7 +451,7 @@ class SidecarApp:
         async with upstream:
             if outcome is not None and upstream.status >= 400:
                 # The decode engine rejected the request (for example a prompt over its
-                # context length), so nobody will read the prefill blocks.
+                # context length), so no engine will read the prefill blocks.
                 await self.pd.release_prefill(outcome)
             reply_headers = {
                 key: value

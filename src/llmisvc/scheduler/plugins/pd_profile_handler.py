@@ -18,7 +18,7 @@ Order and formula: the decode profile runs first and its pick is the primary tar
 block size` when the precise prefix-cache scorer left engine KV-event matches in the cycle
 state, else as `uncached prompt characters / 4` from the approximate prefix index (all
 characters when no index ran). The prefill profile runs when the decider (or `threshold`)
-says split. A split whose prefill profile finds no endpoint fails with 503 naming the
+decides to split. A split whose prefill profile finds no endpoint fails with 503 naming the
 prefill pool: an always-split service never degrades silently to decode-only here (a
 prefill leg that fails later falls back in the gateway, counted). Both picks are recorded
 by the prefix-cache scorer's `on_pick` (target and prefill).
