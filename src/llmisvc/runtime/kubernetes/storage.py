@@ -3,7 +3,8 @@
 - `hf://org/name` and `s3://bucket/path`: an init container (KServe's storage initializer)
   downloads the model into an `emptyDir` volume that the engine mounts read-only.
 - `pvc://claim/path`: the claim is mounted read-only, `path` as the mount's subPath.
-- `oci://registry/image:tag`: the image is mounted as an image volume (Kubernetes 1.31+).
+- `oci://registry/image:tag`: the image is mounted as an image volume (the ImageVolume
+  feature: alpha in Kubernetes 1.31, beta in 1.33).
 - anything else (`file://`, a plain path, the embedded default model) is passed to the engine
   unchanged, because it names something inside the engine image or on the node.
 """
