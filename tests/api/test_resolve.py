@@ -128,7 +128,7 @@ def _pd_with_scheduler_args(args: list[str]) -> dict:
     })
 
 
-@pytest.mark.parametrize("flag", ["--config-text", "--configText"])
+@pytest.mark.parametrize("flag", ["--config-text", "--configText", "-configText"])
 def test_config_text_arg_recognised(flag):
     resolved = _resolve(_pd_with_scheduler_args(["--pool-name", "x", flag, EPP_CONFIG, "--v", "4"]))
     assert resolved.scheduler_config["plugins"][0] == {"type": "pd-profile-handler", "parameters": {"threshold": 0}}

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import shlex
 from dataclasses import dataclass, field
-
-import yaml
 
 from llmisvc.api import presets as preset_data
 from llmisvc.api.errors import FieldError, SpecError
 from llmisvc.api.load import DEFAULT_NAMESPACE, Resource
 from llmisvc.api.merge import merge_layers
+from llmisvc.api.scheduler_config import move_config_text_to_inline
 from llmisvc.api.templates import TemplateContext, render_object
 from llmisvc.api.types import CONFIG_KIND, SERVICE_KIND, resource_schema
 from llmisvc.api.validate import validate_document
@@ -40,9 +38,6 @@ DEFAULT_GLOBAL_CONFIG: dict[str, str] = {
     "GatewayNamespace": "kserve",
 }
 
-# Scheduler flags that carry an EndpointPickerConfig as inline YAML text or as a file path.
-CONFIG_TEXT_FLAGS = ("--config-text", "--configText")
-CONFIG_FILE_FLAGS = ("--config-file", "--configFile")
 
 
 @dataclass
@@ -147,7 +142,7 @@ def resolve(
 
     context = TemplateContext(document, {**DEFAULT_GLOBAL_CONFIG, **(global_config or {})})
     document["spec"] = render_object(spec, context, "spec")
-    config_file = _extract_scheduler_args_config(document["spec"])
+    config_file = move_config_text_to_inline(document["spec"])
 
     document, errors = validate_document(document, resource_schema(SERVICE_KIND, service.version))
     # The resolved checks explain merge-specific problems better, so they replace a plain
@@ -203,75 +198,6 @@ def _attach_route_to_gateways(spec: dict, user_spec: dict) -> None:
                 parent[key] = ref[key]
         parents.append(parent)
     route_spec["parentRefs"] = parents
-
-
-def _scheduler_containers(spec: dict) -> list[tuple[str, dict]]:
-    template = ((spec.get("router") or {}).get("scheduler") or {}).get("template") or {}
-    prefix = "spec.router.scheduler.template.containers"
-    return [(f"{prefix}[{i}]", c) for i, c in enumerate(template.get("containers") or []) if isinstance(c, dict)]
-
-
-def _split_flag(arg: str, flags: tuple[str, ...]) -> tuple[str | None, str | None]:
-    """Return (flag, inline value) when `arg` is one of `flags` (`--f v` or `--f=v`)."""
-    for flag in flags:
-        if arg == flag:
-            return flag, None
-        if arg.startswith(flag + "="):
-            return flag, arg[len(flag) + 1:]
-    return None, None
-
-
-def _extract_scheduler_args_config(spec: dict) -> str | None:
-    """Move `--config-text` from the scheduler's container args into `config.inline`.
-
-    KServe samples pass the EndpointPickerConfig as a scheduler argument; moving it keeps a
-    single copy, which the runtimes turn back into one flag. Returns a `--config-file` path
-    if one is given. Raises SpecError for unparsable text or a config given twice.
-    """
-    found: list[tuple[str, str]] = []
-    config_file = None
-    for path, container in _scheduler_containers(spec):
-        args = [str(a) for a in container.get("args") or []]
-        remaining_args: list[str] = []
-        i = 0
-        while i < len(args):
-            flag, value = _split_flag(args[i], CONFIG_TEXT_FLAGS + CONFIG_FILE_FLAGS)
-            if flag is None:
-                remaining_args.append(args[i])
-                i += 1
-                continue
-            if value is None:
-                if i + 1 >= len(args):
-                    raise SpecError.single(f"{path}.args[{i}]", f"{flag} needs a value")
-                value = args[i + 1]
-                step = 2
-            else:
-                step = 1
-            if flag in CONFIG_FILE_FLAGS:
-                config_file = value
-                remaining_args.extend(args[i:i + step])
-            else:
-                found.append((f"{path}.args[{i}]", value))
-            i += step
-        if "args" in container:
-            container["args"] = remaining_args
-
-    if not found:
-        return config_file
-    config = spec["router"]["scheduler"].setdefault("config", {})
-    if len(found) > 1 or "inline" in config or "ref" in config:
-        where = ", ".join(p for p, _ in found)
-        raise SpecError.single("spec.router.scheduler.config",
-                               f"EndpointPickerConfig given more than once ({where} and config): keep one")
-    path, text = found[0]
-    try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError.single(path, f"--config-text is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(parsed, dict):
-        raise SpecError.single(path, "--config-text must be an EndpointPickerConfig mapping")
-    config["inline"] = parsed
-    return config_file
 
 
 def _check_resolved(spec: dict) -> list[FieldError]:
@@ -337,8 +263,3 @@ def _build(service: Resource, document: dict, preset_names: list[str], base_name
         scheduler_config_ref=config.get("ref"),
         scheduler_config_file=config_file,
     )
-
-
-def shell_join(args: list[str]) -> str:
-    """Return `args` as one shell-quoted line, for logs and `describe`."""
-    return shlex.join(args)

@@ -17,7 +17,7 @@ from llmisvc.api.kube_types import (
     LocalObjectReference, ObjectMeta, PersistentVolumeClaimSpec, PodSpec,
 )
 from llmisvc.api.schema import (
-    Any, Bool, Int, Int64, Labels, Node, Quantity, Str, Strs, array, obj, string_map,
+    Any, Bool, Int, Int64, Labels, Node, Quantity, Str, Strs, array, obj,
 )
 
 GROUP = "serving.kserve.io"

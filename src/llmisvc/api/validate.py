@@ -3,8 +3,8 @@
 `validate_document` collects every problem instead of stopping at the first, so a user fixes
 a file in one pass. Structure checks reject unknown fields (suggesting the nearest known
 name), wrong types, missing required fields, values outside an enum and numbers outside their
-bounds. Semantic checks reject combinations that KServe would accept but cannot work, such as
-an InferencePool `spec` and `ref` together or `scaling` beside `replicas`.
+bounds. Semantic checks (`rules.py`) reject combinations that cannot work, such as an
+InferencePool `spec` and `ref` together or `scaling` beside `replicas`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from llmisvc.api.quantity import parse_quantity
 from llmisvc.api.schema import (
     ANY, ARRAY, BOOLEAN, INT_OR_STRING, INTEGER, MAP, NUMBER, OBJECT, STRING, Node,
 )
-
-
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
