@@ -117,3 +117,12 @@ def test_transition_time_kept_while_status_unchanged():
 def test_addresses_listed():
     facts = ObservedFacts(main=WorkloadFacts(1, 1), addresses=["http://a", "http://b"])
     assert build_status(facts, now=T0)["addresses"] == [{"url": "http://a"}, {"url": "http://b"}]
+
+
+def test_stop_requested_values():
+    from llmisvc.api.status import stop_requested
+
+    assert stop_requested({"serving.kserve.io/stop": "true"})
+    assert stop_requested({"serving.kserve.io/stop": "True"})
+    assert not stop_requested({"serving.kserve.io/stop": "false"})
+    assert not stop_requested(None)

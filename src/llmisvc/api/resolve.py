@@ -18,13 +18,13 @@ from llmisvc.api.errors import FieldError, SpecError
 from llmisvc.api.load import DEFAULT_NAMESPACE, Resource
 from llmisvc.api.merge import merge_layers
 from llmisvc.api.scheduler_config import move_config_text_to_inline
+from llmisvc.api.status import stop_requested
 from llmisvc.api.templates import TemplateContext, render_object
 from llmisvc.api.types import CONFIG_KIND, SERVICE_KIND, resource_schema
 from llmisvc.api.validate import validate_document
 
 logger = logging.getLogger(__name__)
 
-STOP_ANNOTATION = "serving.kserve.io/stop"
 MAIN_CONTAINER = "main"
 DEFAULT_CRITICALITY = "Standard"
 
@@ -80,8 +80,7 @@ class ResolvedService:
     @property
     def stopped(self) -> bool:
         """Return True when the `serving.kserve.io/stop: "true"` annotation is set."""
-        metadata_annotations = self.obj.get("metadata", {}).get("annotations") or {}
-        return str(metadata_annotations.get(STOP_ANNOTATION, "")).lower() == "true"
+        return stop_requested(self.obj.get("metadata", {}).get("annotations"))
 
     def applied_configs(self) -> list[dict]:
         """Return `status.appliedConfigs` entries: presets first, then baseRefs, in merge order."""

@@ -35,6 +35,15 @@ WORKLOAD_CONDITIONS = (MAIN_WORKLOAD_READY, WORKER_WORKLOAD_READY, PREFILL_WORKL
                        PREFILL_WORKER_WORKLOAD_READY)
 ROUTER_CONDITIONS = (SCHEDULER_WORKLOAD_READY, HTTP_ROUTES_READY, INFERENCE_POOL_READY)
 STOPPED_REASON = "Stopped"
+STOP_ANNOTATION = "serving.kserve.io/stop"
+
+
+def stop_requested(annotations: dict | None) -> bool:
+    """Return True when `annotations` (a service's metadata.annotations) ask for a stop.
+
+    Only the string "true" (any case) stops a service, as in KServe.
+    """
+    return str((annotations or {}).get(STOP_ANNOTATION, "")).lower() == "true"
 
 
 @dataclass
