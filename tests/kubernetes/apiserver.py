@@ -5,10 +5,10 @@ streams with resourceVersion and `timeoutSeconds`, get, create, replace, merge p
 server-side apply (`application/apply-patch+yaml`), status subresources, delete with
 finalizers and deletion timestamps, and owner-reference garbage collection.
 
-What it does not do, compared with a real cluster: no controllers run (Deployments never get
-pods or conditions unless a test writes them), no admission or schema validation, no field
-managers (server-side apply replaces the applied fields and keeps status and server-set
-metadata), no authentication.
+Compared with a real cluster, no controllers run, so Deployments get no pods or conditions
+unless a test writes them. There is no admission, schema validation or authentication. There
+are no field managers either: server-side apply replaces the applied fields and keeps status
+and server-set metadata.
 
 Test hooks: `close_watches()` ends every open watch stream (a reconnect), and
 `delete(..., silent=True)` removes an object without sending its DELETED event (a missed

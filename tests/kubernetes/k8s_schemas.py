@@ -1,9 +1,9 @@
 """Schema validation of rendered Kubernetes objects for the kubernetes tests.
 
 Core and apps kinds are checked with `kubernetes-validate` (the official OpenAPI schemas,
-strict mode: unknown fields fail). Gateway API, InferencePool and KServe kinds are checked
-against the openAPIV3Schema of their upstream CRDs in the shared CRD folder, with unknown
-fields rejected too (what `kubectl apply --validate=strict` does on a real API server).
+strict mode: unknown fields fail). Gateway API (v1.6.1), InferencePool (Inference Extension
+v1.6.0) and KServe (v0.20.0) kinds are checked against the openAPIV3Schema of their upstream
+CRDs. Unknown fields are rejected there too, as `kubectl apply --validate=strict` does.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The operator (`llmisvc operator`, a real process) against the in-memory API server double.
 
-Covered: create, update (scale and template change), shape change deleting children the spec
-no longer needs, stop annotation, delete with finalizer, status from Deployment, HTTPRoute and
-Gateway conditions, and a watch reconnect during which a child is deleted without a DELETED
-event.
+Covered: create, update (scale and template change), a shape change that deletes children
+the spec no longer needs, the stop annotation, delete with finalizer, and status from
+Deployment, HTTPRoute and Gateway conditions. A watch reconnect during which a child is
+deleted without a DELETED event is covered too.
 
 Not covered without a real cluster: pods actually starting (no controllers run, so the tests
 write Deployment, HTTPRoute and Gateway status themselves), admission and schema validation

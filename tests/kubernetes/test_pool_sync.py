@@ -1,9 +1,9 @@
 """`llmisvc discover` (a real process) feeding a real `llmisvc gateway` the ready pods that the
 API server double reports, through the gateway's admin API.
 
-Not covered without a real cluster: the in-cluster service-account login (the test passes
-the double's URL with --api-server) and pod IPs that route to real engines (the gateway's
-health probes of these addresses fail, which does not matter for the endpoint list).
+Not covered without a real cluster: the in-cluster service-account login, because the test
+passes the double's URL with --api-server. Pod IPs do not route to real engines either, so
+the gateway's health probes of them fail, which does not change the endpoint list.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ def test_scheduler_shape_names_and_labels():
         "app.kubernetes.io/managed-by": "llmisvc",
     }
     assert workload["spec"]["replicas"] == 2
+
     scheduler = objects[("Deployment", "qwen-chat-kserve-router-scheduler")]
     assert scheduler["metadata"]["labels"]["app.kubernetes.io/component"] == \
         "llminferenceservice-router-scheduler"
@@ -107,6 +108,7 @@ def test_scheduler_shape_names_and_labels():
     assert config["entry"]["shape"] == "scheduler"
     pool = objects[("InferencePool", "qwen-chat-inference-pool")]
     assert config["discovery"]["selector"] == pool["spec"]["selector"]["matchLabels"]
+
     assert ("Service", "qwen-chat-kserve-workload-svc") in objects
     assert objects[("Service", "qwen-chat-kserve-workload-svc")]["spec"]["ports"][0]["port"] == 8000
     for key in [("Service", "qwen-chat-epp-service"), ("ServiceAccount", "qwen-chat-epp-sa"),

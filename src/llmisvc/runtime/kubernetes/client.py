@@ -25,7 +25,7 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 @dataclass(frozen=True)
 class ResourceType:
-    """Where a kind lives in the REST API."""
+    """The REST location of a kind: API version, kind, plural and scope."""
 
     api_version: str
     kind: str

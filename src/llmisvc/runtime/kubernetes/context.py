@@ -10,7 +10,7 @@ from llmisvc.runtime.kubernetes.options import RenderOptions
 
 @dataclass
 class ServiceContext:
-    """One LLMInferenceService as rendering sees it.
+    """One LLMInferenceService as input to rendering.
 
     `spec` is the merged, template-rendered spec; `uid` is the service's UID on the cluster,
     or None when rendering a file, in which case children carry no owner reference (a made-up

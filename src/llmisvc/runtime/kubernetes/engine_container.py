@@ -6,7 +6,7 @@ GPU templates (a container that requests `nvidia.com/gpu` or `amd.com/gpu`) defa
 `vllm`, `builtin` or `sim`.
 
 Flags that follow from structured spec fields (model path, port, served model name,
-parallelism, prefix caching, KV transfer for prefill/decode roles) are always generated; the
+parallelism, prefix caching, KV transfer for prefill/decode roles) are always generated. The
 container's own `args` follow them, and a flag given in `args` replaces the generated one.
 """
 
@@ -149,10 +149,10 @@ def engine_container(
 ) -> dict:
     """Return the `main` container for a workload pod, built on the template's container.
 
-    The template's image is kept when set by the user; when it is unset or the presets'
-    placeholder engine image, the chosen engine's image is used.
-    A template `command` is kept as written (the user runs their own server) and only its
-    `args` are used; otherwise the engine command and generated flags are set.
+    The template's image is kept when the user set it. When it is unset or the presets'
+    placeholder engine image, the chosen engine's image is used. A template `command` is kept
+    as written, because the user runs their own server. Otherwise the engine command and the
+    generated flags are set.
     Probes default to `GET /health` on the engine port when the template has none.
     """
     container = copy.deepcopy(template_container)

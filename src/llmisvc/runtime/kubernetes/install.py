@@ -12,7 +12,7 @@ LIVENESS_PORT = 8080
 _READ = ["get", "list", "watch"]
 _WRITE = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
-# What the operator reads and writes. It must itself hold every permission that the Roles it
+# Permissions of the operator. It must itself hold every permission that the Roles it
 # creates grant (pods get/list/watch), because RBAC forbids granting more than one has.
 OPERATOR_RULES = [
     {"apiGroups": ["serving.kserve.io"],

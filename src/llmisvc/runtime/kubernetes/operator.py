@@ -2,7 +2,7 @@
 
 - LLMInferenceService create, update, resume and a periodic timer: reconcile (resolve, render,
   server-side apply, delete children no longer needed, write status).
-- LLMInferenceService delete: the finalizer `serving.kserve.io/llmisvc-finalizer` holds the
+- LLMInferenceService delete: the finalizer `serving.kserve.io/llmisvc-finalizer` keeps the
   object until every child is deleted.
 - LLMInferenceServiceConfig events: reconcile the services of that namespace (all services
   for configs in the system namespace), because their merged spec may have changed.

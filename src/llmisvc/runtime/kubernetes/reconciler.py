@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from llmisvc.api import resolve
 from llmisvc.api.errors import SpecError
 from llmisvc.api.load import load_document
 from llmisvc.runtime.kubernetes import status as st
@@ -64,7 +65,7 @@ def _resource(obj: dict):
 class Reconciler:
     """Reconciles services against one API server; safe to call concurrently.
 
-    `system_namespace` holds LLMInferenceServiceConfig objects that every namespace may use
+    `system_namespace` contains LLMInferenceServiceConfig objects that every namespace may use
     as `baseRefs` (KServe keeps its presets in its own namespace the same way).
     """
 
@@ -113,8 +114,6 @@ class Reconciler:
             await self._reconcile(service)
 
     async def _reconcile(self, service: dict) -> None:
-        from llmisvc.api import resolve  # the API package imports presets on first use
-
         meta = service["metadata"]
         namespace, name, uid = meta.get("namespace", "default"), meta["name"], meta["uid"]
         try:

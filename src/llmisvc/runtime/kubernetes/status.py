@@ -2,7 +2,7 @@
 
 Condition types, reasons and messages follow KServe's controller (v0.20):
 - a workload condition is True when its Deployment (or LeaderWorkerSet) reports
-  `Available=True`; otherwise it is False with that condition's reason and message, or with
+  `Available=True`. Otherwise it is False with that condition's reason and message, or with
   reason `Progressing` while the object reports no `Available` condition yet;
 - `HTTPRoutesReady` is False with reason `HTTPRoutesNotReady` until every parent of the
   managed route reports `Accepted=True`;

@@ -25,7 +25,7 @@ STORAGE_INITIALIZER = "storage-initializer"
 
 @dataclass
 class ModelStorage:
-    """What a pod needs to see the model: volumes, init containers and the engine's mount.
+    """Volumes, init containers and engine mounts that make the model visible in a pod.
 
     `model_path` is the value for the engine's model argument.
     """

@@ -2,8 +2,8 @@
 the prefill/decode sidecar with its RBAC.
 
 Names and labels follow KServe's controller: Deployment `<name>-kserve` (role `both`, or
-`decode` beside a prefill pool) and `<name>-kserve-prefill` (role `prefill`); with `worker`,
-a LeaderWorkerSet `<name>-kserve-mn` (`<name>-kserve-mn-prefill`).
+`decode` beside a prefill pool) and `<name>-kserve-prefill` (role `prefill`). With `worker`
+the workload is a LeaderWorkerSet `<name>-kserve-mn` (`<name>-kserve-mn-prefill`).
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ def _pod_spec(ctx: ServiceContext, template: dict | None, role: str, port: int,
 def _sidecar(ctx: ServiceContext) -> dict:
     """Return the decode pod's routing sidecar, a native sidecar (init container, restart Always).
 
-    It serves the workload port, runs the prefill leg against the `x-prefiller-host-port`
-    that the scheduler chose, then the decode leg against the local engine; it checks that
-    the prefill host is a pod of this service's pool.
+    It serves the workload port and runs the prefill leg against the `x-prefiller-host-port`
+    that the scheduler chose, then the decode leg against the local engine. It accepts only
+    prefill hosts that are pods of this service's pool.
     """
     return {
         "name": SIDECAR_NAME,
@@ -142,8 +142,8 @@ def _leader_worker_set(ctx: ServiceContext, name: str, role: str, spec_part: dic
 
     leader_spec = _pod_spec(ctx, spec_part.get("template"), role, WORKLOAD_PORT, parallelism)
     worker_spec = _pod_spec(ctx, spec_part.get("worker"), role, WORKLOAD_PORT, parallelism)
-    # NOTE: workers join the leader's engine through its data-parallel RPC port; the flags
-    # that make a vLLM worker headless come from the worker template's own args.
+    # NOTE: workers join the leader's engine through its data-parallel RPC port. The flags
+    # that make a vLLM worker headless must come from the worker template's own args.
     spec: dict = {
         "leaderWorkerTemplate": {
             "size": _group_size(parallelism),
