@@ -135,11 +135,10 @@ class ModelRunner:
         """
         if not inputs:
             raise ValueError("execute() needs at least one StepInput")
-        with torch.inference_mode():
-            logits = self._execute(inputs)
-        # Cloning outside inference mode returns an ordinary tensor that callers (samplers)
-        # may modify in place; the copy is [batch, vocab] floats.
-        return logits.clone()
+        # no_grad rather than inference_mode: the logits and the KV buffers stay ordinary
+        # tensors that callers (samplers) may modify in place without a copy.
+        with torch.no_grad():
+            return self._execute(inputs)
 
     def _execute(self, inputs: list[StepInput]) -> torch.Tensor:
         states = [self._prepare(entry) for entry in inputs]
@@ -215,11 +214,12 @@ class ModelRunner:
 
     def _prefill_segment(self, row: int, entry: StepInput, slot: int) -> PrefillSegment:
         length = len(entry.token_ids)
-        end = entry.start_pos + length
-        query_pos = torch.arange(entry.start_pos, end, device=self.device).unsqueeze(1)
-        key_pos = torch.arange(end, device=self.device).unsqueeze(0)
-        mask = torch.zeros((length, end), dtype=self.dtype, device=self.device)
-        mask.masked_fill_(key_pos > query_pos, float("-inf"))
+        mask = None
+        if entry.start_pos > 0:
+            # Query i (position start_pos + i) sees keys 0 .. start_pos + i.
+            end = entry.start_pos + length
+            query_pos = torch.arange(entry.start_pos, end, device=self.device).unsqueeze(1)
+            mask = torch.arange(end, device=self.device).unsqueeze(0) <= query_pos
         return PrefillSegment(row, length, slot, entry.start_pos, mask)
 
     def _attention_batch(
@@ -230,22 +230,30 @@ class ModelRunner:
         prefills: list[PrefillSegment],
     ) -> AttentionBatch:
         if not decode_order:
-            return AttentionBatch(0, None, None, None, 0, None, prefills)
+            return AttentionBatch(0, None, None, None, None, prefills)
         device = self.device
+        count = len(decode_order)
+        capacity = self.kv.capacity
+        kv_heads = self.config.num_kv_heads
         slots = [states[i].slot for i in decode_order]
-        lengths = [inputs[i].start_pos + 1 for i in decode_order]
-        decode_len = max(lengths)
-        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        valid = torch.arange(decode_len, device=device).unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)
-        mask = torch.zeros((len(slots), decode_len), dtype=self.dtype, device=device)
-        mask.masked_fill_(~valid, float("-inf"))
+        positions = [inputs[i].start_pos for i in decode_order]
+        consecutive = slots == list(range(slots[0], slots[0] + count))
+
+        # Row of (slot, head, position) in a layer buffer viewed as [-1, head_dim].
+        slot_tensor = torch.tensor(slots, dtype=torch.long, device=device)
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
+        heads = torch.arange(kv_heads, device=device)
+        rows = (slot_tensor.unsqueeze(1) * kv_heads + heads) * capacity + position_tensor.unsqueeze(1)
+
+        invalid = torch.arange(capacity, device=device).unsqueeze(0) > position_tensor.unsqueeze(1)
+        mask = torch.zeros((count, capacity), dtype=self.dtype, device=device)
+        mask.masked_fill_(invalid, float("-inf"))
         return AttentionBatch(
-            num_decode=len(slots),
-            decode_slots=torch.tensor(slots, dtype=torch.long, device=device),
-            decode_positions=torch.tensor([length - 1 for length in lengths], dtype=torch.long, device=device),
-            decode_slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
-            decode_len=decode_len,
-            decode_mask=mask.view(len(slots), 1, 1, decode_len),
+            num_decode=count,
+            decode_slots=slot_tensor,
+            decode_rows=rows.reshape(-1),
+            decode_slot_range=(slots[0], slots[0] + count) if consecutive else None,
+            decode_mask=mask.view(count, 1, 1, capacity),
             prefills=prefills,
         )
 
@@ -260,6 +268,7 @@ class ModelRunner:
 
     # -- sequence lifecycle and transfer --------------------------------------------------
 
+    @torch.no_grad()
     def free_sequence(self, seq_id: str) -> None:
         """Release a finished or preempted sequence's working slot.
 
@@ -281,8 +290,10 @@ class ModelRunner:
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Return a CPU copy of pool blocks, `[n, layers, 2, block_size, kv_heads, head_dim]`."""
-        return self.kv.export_blocks(block_ids).cpu()
+        with torch.no_grad():
+            return self.kv.export_blocks(block_ids).cpu()
 
+    @torch.no_grad()
     def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Write blocks received by KV transfer into the pool (the layout `export_blocks` returns)."""
         self.kv.import_blocks(block_ids, blocks)

@@ -23,15 +23,16 @@ from llmisvc.engine.model_config import ModelConfig, UnsupportedModelError
 class PrefillSegment:
     """A run of `length` consecutive tokens of one sequence, starting at batch row `row`.
 
-    `start_pos` is the position of its first token; `mask` is the additive causal mask
-    `[length, start_pos + length]` in the run dtype.
+    `start_pos` is the position of its first token. `mask` is None when `start_pos` is 0
+    (plain causal attention), else the boolean mask `[length, start_pos + length]` that is
+    True where a query may attend a key.
     """
 
     row: int
     length: int
     slot: int
     start_pos: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -39,19 +40,57 @@ class AttentionBatch:
     """Where each token of a step lives in the KV working buffer.
 
     Rows [0, num_decode) are single tokens of distinct sequences, attended as one padded
-    batch: `decode_slots` / `decode_positions` locate each token, `decode_slot_range` is
-    `(first, end)` when the slots are consecutive (attention then reads a view instead of a
-    gather), `decode_len` is the padded key length and `decode_mask` the additive padding
-    mask `[num_decode, 1, 1, decode_len]`. Rows from `num_decode` on are `prefills`.
+    batch over the whole slot capacity. `decode_rows` indexes each token's K/V row in a
+    layer's buffer viewed as `[slots * kv_heads * capacity, head_dim]`. `decode_slot_range`
+    is `(first, end)` when the slots are consecutive, so attention reads a contiguous view;
+    otherwise `decode_slots` is gathered. `decode_mask` is the additive padding mask
+    `[num_decode, 1, 1, capacity]`. Rows from `num_decode` on are `prefills`.
     """
 
     num_decode: int
     decode_slots: torch.Tensor | None
-    decode_positions: torch.Tensor | None
+    decode_rows: torch.Tensor | None
     decode_slot_range: tuple[int, int] | None
-    decode_len: int
     decode_mask: torch.Tensor | None
     prefills: list[PrefillSegment]
+
+
+class Linear:
+    """A weight matrix `[out, in]` (and optional bias) applied as `x @ weight.T + bias`.
+
+    On CPU in bfloat16 the weight is stored in oneDNN's blocked layout and applied with
+    `torch.ops.mkldnn._linear_pointwise` (the op TorchInductor emits for frozen CPU linears):
+    measured 1.3-1.7x faster than `F.linear` for 1 to 512 rows on a 2-core Xeon with AMX,
+    because `F.linear`'s bfloat16 path repacks the weight on every call. Other devices and
+    dtypes, or a torch build without oneDNN, use `F.linear`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.weight = weight
+        self._packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            self._packed = _pack_for_onednn(weight, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _pack_for_onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Return the oneDNN-packed weight, or None when the op is missing or disagrees with F.linear."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
+        probe = torch.randn(3, weight.shape[1], dtype=weight.dtype)
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return None
+    expected = F.linear(probe, weight, bias)
+    if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2):
+        return None
+    return packed
 
 
 def _rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -99,7 +138,8 @@ class LlamaModel:
 
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings or "lm_head.weight" not in weights else take("lm_head.weight")
+        tied = config.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"))
         self.layers = []
         for index in range(config.num_layers):
             prefix = f"model.layers.{index}."
@@ -108,15 +148,15 @@ class LlamaModel:
             qkv_bias = None
             if config.attention_bias:
                 qkv_bias = torch.cat([take(attention + f"{name}_proj.bias") for name in "qkv"])
+            gate_up = torch.cat([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")])
             self.layers.append(
                 {
                     "input_norm": take(prefix + "input_layernorm.weight"),
-                    "qkv": qkv,
-                    "qkv_bias": qkv_bias,
-                    "o": take(attention + "o_proj.weight"),
+                    "qkv": Linear(qkv, qkv_bias),
+                    "o": Linear(take(attention + "o_proj.weight")),
                     "post_norm": take(prefix + "post_attention_layernorm.weight"),
-                    "gate_up": torch.cat([take(prefix + "mlp.gate_proj.weight"), take(prefix + "mlp.up_proj.weight")]),
-                    "down": take(prefix + "mlp.down_proj.weight"),
+                    "gate_up": Linear(gate_up),
+                    "down": Linear(take(prefix + "mlp.down_proj.weight")),
                 }
             )
 
@@ -156,21 +196,21 @@ class LlamaModel:
 
         for index, layer in enumerate(self.layers):
             normed = self._rms_norm(hidden, layer["input_norm"])
-            qkv = F.linear(normed, layer["qkv"], layer["qkv_bias"])
+            qkv = layer["qkv"](normed)
             query_key = _apply_rope(qkv[:, : q_size + kv_size].view(-1, rope_heads, config.head_dim), cos, sin)
             query = query_key[:, : config.num_heads]
             key = query_key[:, config.num_heads :]
             value = qkv[:, q_size + kv_size :].view(-1, config.num_kv_heads, config.head_dim)
             attended = self._attention(index, query, key, value, batch, kv)
-            hidden = hidden + F.linear(attended, layer["o"])
+            hidden = hidden + layer["o"](attended)
 
             normed = self._rms_norm(hidden, layer["post_norm"])
-            gate_up = F.linear(normed, layer["gate_up"])
+            gate_up = layer["gate_up"](normed)
             gate, up = gate_up.chunk(2, dim=-1)
-            hidden = hidden + F.linear(F.silu(gate) * up, layer["down"])
+            hidden = hidden + layer["down"](F.silu(gate) * up)
 
         last = self._rms_norm(hidden.index_select(0, logit_rows), self.norm)
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last).float()
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the run dtype, as the Hugging Face reference does.
@@ -196,38 +236,48 @@ class LlamaModel:
 
         count = batch.num_decode
         if count:
-            key_buffer[batch.decode_slots, :, batch.decode_positions] = key[:count]
-            value_buffer[batch.decode_slots, :, batch.decode_positions] = value[:count]
-            length = batch.decode_len
+            # Scatter this step's K/V rows, then attend over every position of the slots:
+            # bmm on a contiguous [slots * kv_heads, capacity, head_dim] view costs less
+            # than the copy that slicing to the longest length would trigger (CPU bmm clones
+            # inputs whose batch stride is not rows * columns).
+            capacity = key_buffer.shape[2]
+            key_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, key[:count].reshape(-1, head_dim))
+            value_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, value[:count].reshape(-1, head_dim))
             if batch.decode_slot_range is not None:
                 first, end = batch.decode_slot_range
-                keys = key_buffer[first:end, :, :length]
-                values = value_buffer[first:end, :, :length]
+                keys, values = key_buffer[first:end], value_buffer[first:end]
             else:
-                keys = key_buffer[batch.decode_slots, :, :length]
-                values = value_buffer[batch.decode_slots, :, :length]
-            # [B, kv_heads, group, dim] @ [B, kv_heads, dim, L]: each KV head serves its group
-            # of query heads without repeating K/V.
-            grouped = query[:count].reshape(count, kv_heads, group, head_dim)
-            scores = torch.matmul(grouped, keys.transpose(-1, -2)) + batch.decode_mask
-            probabilities = torch.softmax(scores, dim=-1)
-            outputs.append(torch.matmul(probabilities, values).reshape(count, -1))
+                keys = key_buffer.index_select(0, batch.decode_slots)
+                values = value_buffer.index_select(0, batch.decode_slots)
+            keys = keys.view(count * kv_heads, capacity, head_dim)
+            values = values.view(count * kv_heads, capacity, head_dim)
+            # Each KV head serves its group of query heads without repeating K/V.
+            grouped = query[:count].reshape(count * kv_heads, group, head_dim)
+            scores = torch.bmm(grouped, keys.transpose(1, 2)).view(count, kv_heads, group, capacity)
+            probabilities = torch.softmax(scores + batch.decode_mask, dim=-1)
+            attended = torch.bmm(probabilities.view(count * kv_heads, group, capacity), values)
+            outputs.append(attended.view(count, -1))
 
         for segment in batch.prefills:
             rows = slice(segment.row, segment.row + segment.length)
             end_pos = segment.start_pos + segment.length
             key_buffer[segment.slot, :, segment.start_pos : end_pos] = key[rows].transpose(0, 1)
             value_buffer[segment.slot, :, segment.start_pos : end_pos] = value[rows].transpose(0, 1)
-            keys = key_buffer[segment.slot, :, :end_pos]  # [kv_heads, L, dim]
-            values = value_buffer[segment.slot, :, :end_pos]
-            # [T, heads, dim] -> [kv_heads, group * T, dim] so one matmul per KV head covers its group.
-            grouped = query[rows].reshape(segment.length, kv_heads, group, head_dim).permute(1, 2, 0, 3)
-            grouped = grouped.reshape(kv_heads, group * segment.length, head_dim)
-            scores = torch.matmul(grouped, keys.transpose(-1, -2))
-            scores = scores.view(kv_heads, group, segment.length, end_pos) + segment.mask
-            probabilities = torch.softmax(scores, dim=-1).view(kv_heads, group * segment.length, end_pos)
-            attended = torch.matmul(probabilities, values).view(kv_heads, group, segment.length, head_dim)
-            outputs.append(attended.permute(2, 0, 1, 3).reshape(segment.length, -1))
+            keys = key_buffer[segment.slot : segment.slot + 1, :, :end_pos]  # [1, kv_heads, L, dim]
+            values = value_buffer[segment.slot : segment.slot + 1, :, :end_pos]
+            queries = query[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, dim], already scaled
+            # SDPA's fused CPU kernel measured about 2x faster than matmul-softmax-matmul for
+            # a 549-token bfloat16 prompt; one-token steps use the decode path above instead.
+            attended = F.scaled_dot_product_attention(
+                queries,
+                keys,
+                values,
+                attn_mask=segment.mask,
+                is_causal=segment.mask is None,
+                scale=1.0,
+                enable_gqa=group > 1,
+            )
+            outputs.append(attended[0].transpose(0, 1).reshape(segment.length, -1))
 
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
