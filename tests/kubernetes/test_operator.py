@@ -252,3 +252,35 @@ def test_reconnect_relists_missed_delete(cluster):
     again = wait_for(lambda: deployment(server, "relist-a-kserve"),
                      "the Deployment to be re-created after the re-list")
     assert again["metadata"]["uid"] != first["metadata"]["uid"]
+
+
+def test_config_change_reconciles_services(cluster):
+    server = cluster
+    doc = sample("no-scheduler", "config-a")
+    doc["spec"]["baseRefs"] = [{"name": "team-defaults"}]
+    server.create(doc)
+
+    invalid = wait_for(lambda: (c := condition(server, "config-a", "Ready")) and
+                       c.get("reason") == "InvalidSpec" and c, "Ready reason InvalidSpec")
+    assert "team-defaults" in invalid["message"]
+    assert deployment(server, "config-a-kserve") is None
+
+    # The config arrives in the system namespace; its event reconciles every service.
+    server.create({
+        "apiVersion": SERVICE_API, "kind": "LLMInferenceServiceConfig",
+        "metadata": {"name": "team-defaults", "namespace": "llmisvc-system"},
+        "spec": {"template": {"containers": [{"name": "main", "env": [{"name": "TEAM", "value": "a"}]}]}},
+    })
+
+    def team_env():
+        current = deployment(server, "config-a-kserve")
+        if current is None:
+            return None
+        main = next(c for c in current["spec"]["template"]["spec"]["containers"] if c["name"] == "main")
+        return {e["name"]: e.get("value") for e in main.get("env") or []}.get("TEAM")
+
+    assert wait_for(team_env, "the Deployment with the config's env") == "a"
+
+    server.patch(SERVICE_API, "LLMInferenceServiceConfig", "llmisvc-system", "team-defaults",
+                 {"spec": {"template": {"containers": [{"name": "main", "env": [{"name": "TEAM", "value": "b"}]}]}}})
+    assert wait_for(lambda: team_env() == "b", "the config change to reach the Deployment")

@@ -18,7 +18,7 @@ from k8s_schemas import validate_object
 from llmisvc.api import load_file, resolve
 from llmisvc.api.templates import child_name
 from llmisvc.runtime.kubernetes.render import render_manifests
-from support import LLMISVC
+from support import LLMISVC, REPO
 
 HERE = Path(__file__).parent
 SAMPLES = sorted((HERE / "samples").glob("*.yaml"))
@@ -300,3 +300,20 @@ def test_validation_rejects_unknown_fields():
     pool = objects[("InferencePool", "llama-pd-inference-pool")]
     pool["spec"]["targetPorts"] = [{"number": 70000}]
     assert validate_object(pool) != []
+
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_render_valid_objects(path):
+    resources = load_file(path)
+    configs = {r.name: r for r in resources if r.kind == "LLMInferenceServiceConfig"}
+    services = [r for r in resources if r.kind == "LLMInferenceService"]
+    assert services
+    for service in services:
+        objects = render_manifests(resolve(service, configs), owner_uid=UID)
+        assert any(o["kind"] == "Deployment" for o in objects)
+        for obj in objects:
+            errors = validate_object(obj)
+            assert errors == [], f"{obj['kind']} {obj['metadata']['name']}: {errors}"
