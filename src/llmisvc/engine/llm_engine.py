@@ -277,15 +277,23 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ engine thread
 
+    @property
+    def is_alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
-        while not self._stopping:
-            try:
-                self._drain_inbox()
-                if not self._step():
-                    self._wait_for_work()
-            except Exception as exc:
-                logger.exception("engine step failed; failing all running requests")
-                self._fail_all(exc)
+        # The engine thread never needs autograd; inference mode also lets the runner update
+        # its inference tensors in place from any call (free_sequence, import_blocks).
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._drain_inbox()
+                    if not self._step():
+                        self._wait_for_work()
+                except Exception as exc:
+                    logger.exception("engine step failed; failing all running requests")
+                    self._fail_all(exc)
 
     def _wait_for_work(self) -> None:
         blocked = self.scheduler.num_unfinished > 0
@@ -559,7 +567,10 @@ class LLMEngine:
             for seq in submission.seqs:
                 if not seq.is_finished:
                     seq.finish_reason = FinishReason.ERROR
-                    self.runner.free_sequence(seq.seq_id)
+                    try:
+                        self.runner.free_sequence(seq.seq_id)
+                    except Exception:
+                        logger.exception("freeing sequence %s after a failed step failed", seq.seq_id)
                     self.scheduler.remove(seq)
                     seq.status = SequenceStatus.FINISHED
             self._forget(submission)

@@ -193,6 +193,8 @@ class EngineServer:
         """GET /health: 200 once the model is loaded and the engine thread runs, else 503."""
         if self.engine is None:
             return web.json_response(error_body("model is loading", "service_unavailable", None, 503), status=503)
+        if not self.engine.is_alive:
+            return web.json_response(error_body("engine thread stopped", "service_unavailable", None, 503), status=503)
         return web.Response(status=200)
 
     async def metrics(self, request: web.Request) -> web.Response:
