@@ -371,7 +371,7 @@ def decision_latency(endpoints: int = 64, prompt_chars: int = 8192, requests: in
 
 def scrape_cost(replicas: int = 64, interval: float = 0.05, seconds: float = 10.0) -> dict:
     """Return the CPU share of one core spent scraping `replicas` real sims every `interval` s."""
-    import socket
+    import urllib.request
 
     base = _free_port_block(replicas)
     process = subprocess.Popen(
@@ -379,15 +379,17 @@ def scrape_cost(replicas: int = 64, interval: float = 0.05, seconds: float = 10.
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        for port in (base, base + replicas - 1):
+        deadline = time.monotonic() + 120
+        for port in range(base, base + replicas):
             while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"simulated replicas exited with {process.returncode}")
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                        break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError("simulated replicas did not start")
+                        raise RuntimeError("simulated replicas did not start") from None
                     time.sleep(0.2)
 
         async def measure() -> dict:
