@@ -71,6 +71,9 @@ _DEFAULT_TRANSFER_TIMEOUT_SECONDS = 30.0
 # touched when slots are used, so an idle slab costs address space, not memory.
 _DEFAULT_BUFFER_BYTES = 1_000_000_000
 _TCP_CHUNK_SLOTS = 64
+# Larger kernel socket buffers let a block stream run with fewer wake-ups; Linux caps the
+# value at net.core.rmem_max / wmem_max.
+_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -439,6 +442,20 @@ class _Held:
 
 
 @dataclass
+class PullTiming:
+    """Timing of the last successful pull (benchmarks and debugging).
+
+    `wire_seconds` covers the block read alone (the NIXL READ or the TCP stream), and
+    `total_seconds` the whole pull: side-channel calls, the read and the import.
+    """
+
+    transport: str
+    nbytes: int
+    wire_seconds: float
+    total_seconds: float
+
+
+@dataclass
 class _PeerInfo:
     """What the side channel returned about a prefill engine."""
 
@@ -500,6 +517,7 @@ class NixlConnector:
         self._stopping = threading.Event()
         self.host = config.side_channel_host
         self.port = config.side_channel_port
+        self.last_pull: PullTiming | None = None
 
     def _start_nixl(self) -> NixlAgent | None:
         module = import_nixl()
@@ -726,16 +744,21 @@ class NixlConnector:
             if slots is None:
                 raise KVTransferError("staging_full", f"no staging room for {len(local_blocks)} blocks")
             try:
+                wire_started = time.perf_counter()
                 if transport == "nixl":
                     self._read_nixl(params, peer, request_id, remote_blocks, slots, deadline, cancelled)
                 else:
                     self._read_tcp(params, request_id, remote_blocks, slots, deadline, cancelled)
+                wire_seconds = time.perf_counter() - wire_started
                 self._notify_free(params, request_id, deadline)
                 if cancelled.is_set():
                     raise KVTransferError("aborted", "request aborted during the KV pull")
                 data = self.slab.rows(slots)
                 tensor = data.view(_TORCH_DTYPES.get(peer.dtype, torch.uint8)).view(len(slots), *peer.block_shape)
-                self._runner.import_blocks(local_blocks, tensor)
+                try:
+                    self._runner.import_blocks(local_blocks, tensor)
+                except (ValueError, IndexError, RuntimeError) as exc:
+                    raise KVTransferError("import_failed", f"writing {len(local_blocks)} blocks into the KV pool failed: {exc}") from exc
             finally:
                 self.slab.free(slots)
         except KVTransferError as exc:
@@ -749,6 +772,7 @@ class NixlConnector:
             raise KVTransferError("connection", f"side channel {params.remote_host}:{params.remote_port}: {exc}") from exc
 
         nbytes = len(local_blocks) * self.block_bytes
+        self.last_pull = PullTiming(transport, nbytes, wire_seconds, time.perf_counter() - started)
         self.metrics.bytes.labels(transport=transport).inc(nbytes)
         self.metrics.blocks.labels(transport=transport).inc(len(local_blocks))
         self.metrics.duration.labels(transport=transport).observe(time.perf_counter() - started)
@@ -899,6 +923,7 @@ def _connect(address: tuple[str, int], deadline: float) -> socket.socket:
     except OSError as exc:
         raise KVTransferError("connection", f"connecting to {address[0]}:{address[1]} failed: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
     return sock
 
 
@@ -922,6 +947,7 @@ class _SideChannelHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
         connector: NixlConnector = self.server.connector  # type: ignore[attr-defined]
         while True:
             try:
