@@ -300,6 +300,37 @@ def test_memory_limit_reports_oomkilled(runtime):
     assert runtime.cli("delete", "delta").returncode == 0
 
 
+def test_delete_interrupts_waiting_apply(runtime):
+    # A readiness probe on a path the simulator does not serve keeps the replica unready,
+    # so apply keeps waiting until the delete interrupts it.
+    document = json.loads(service_yaml("epsilon", "epsilon-model", replicas=1))
+    document["spec"]["template"]["containers"][0]["readinessProbe"] = {"httpGet": {"path": "/not-served", "port": 8000}, "periodSeconds": 1}
+    path = runtime.home.parent / "epsilon.yaml"
+    path.write_text(json.dumps(document))
+    applying = subprocess.Popen(LLMISVC + ["apply", "-f", str(path)], env={**os.environ, **runtime.env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "epsilon" in runtime.cli("get").stdout, timeout=60)
+
+        def probe_failed():
+            replicas = runtime.describe("epsilon")["replicas"]
+            return replicas and "404" in replicas[0]["last_probe"]
+
+        wait_for(probe_failed, timeout=60)
+        assert runtime.describe("epsilon")["replicas"][0]["ready"] is False
+
+        started = time.monotonic()
+        deleted = runtime.cli("delete", "epsilon", timeout=60)
+        assert deleted.returncode == 0, deleted.stderr
+        assert time.monotonic() - started < 30
+        _, stderr = applying.communicate(timeout=30)
+        assert applying.returncode == 1
+        assert "interrupted" in stderr
+    finally:
+        if applying.poll() is None:
+            applying.kill()
+
+
 def test_logs_follow_prints_new_lines(runtime):
     runtime.apply(service_yaml("beta", "beta-model", replicas=1))
     tail = runtime.cli("logs", "beta", "--tail", "3")

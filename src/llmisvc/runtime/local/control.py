@@ -168,6 +168,9 @@ class ControlServer:
                     await send({"progress": getter.result()})
                 else:
                     getter.cancel()
+            if task.cancelled():
+                await send({"ok": False, "error": f"{op} interrupted: the service was deleted or the control process is stopping", "kind": "interrupted"})
+                return
             try:
                 result = task.result()
                 await send({"ok": True, "result": result})

@@ -193,6 +193,7 @@ class Replica:
 
     async def _supervise(self) -> None:
         try:
+            termination: dict | None = None
             ref = self._ref()
             if ref is not None and is_alive(ref):
                 logger.info("replica %s: adopted running process %d on port %s", self.id, ref.pid, self.record.port)
@@ -200,9 +201,10 @@ class Replica:
                 self._log_offset = _file_size(Path(self.record.log_path))
                 self.state = "Running"
             else:
-                self._launch()
+                termination = self._launch()
             while True:
-                termination = await self._watch()
+                if termination is None:
+                    termination = await self._watch()
                 self._record_termination(termination)
                 self._consecutive_crashes += 1
                 delay = _BACKOFF_S[min(self._consecutive_crashes - 1, len(_BACKOFF_S) - 1)]
@@ -210,16 +212,22 @@ class Replica:
                 self._on_change(self)
                 await asyncio.sleep(delay)
                 self.record.restarts += 1
-                self._launch()
-                self._on_event("Normal", "Restarted", f"replica {self.id} restarted (restart {self.record.restarts}) after {termination['reason']}")
+                reason = termination["reason"]
+                termination = self._launch()
+                if termination is None:
+                    self._on_event("Normal", "Restarted", f"replica {self.id} restarted (restart {self.record.restarts}) after {reason}")
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("replica %s: supervision failed", self.id)
             raise
 
-    def _launch(self) -> None:
-        """Start the engine process on a fresh free port."""
+    def _launch(self) -> dict | None:
+        """Start the engine process on a fresh free port.
+
+        Returns None when it started, else a termination record (the program is missing
+        or cannot be executed), which the caller treats like a crash.
+        """
         self.record.port = _free_port()
         log_path = Path(self.record.log_path)
         self._log_offset = _file_size(log_path)
@@ -228,7 +236,12 @@ class Replica:
         env.update(self.workload.env)
         if self._gpu_visible:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(device) for device in self.record.devices)
-        self._popen, ref = start_detached(argv, log_path, env)
+        try:
+            self._popen, ref = start_detached(argv, log_path, env)
+        except OSError as exc:
+            logger.error("replica %s: cannot start %s: %s", self.id, argv[0], exc)
+            self._on_event("Warning", "Failed", f"cannot start {argv[0]} for replica {self.id}: {exc}")
+            return {"reason": "StartError", "exit_code": None, "message": f"cannot start {argv[0]}: {exc.strerror or exc}"}
         self.record.pid, self.record.start_ticks = ref.pid, ref.start_ticks
         self._process_started = time.monotonic()
         self.state = "Starting"
@@ -236,6 +249,7 @@ class Replica:
         logger.info("replica %s: started pid %d on port %d: %s", self.id, ref.pid, self.record.port, " ".join(argv))
         self._on_event("Normal", "Started", f"started replica {self.id} (pid {ref.pid}, port {self.record.port})")
         self._on_change(self)
+        return None
 
     def _command(self, port: int) -> list[str]:
         workload = self.workload

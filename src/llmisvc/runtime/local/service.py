@@ -73,6 +73,8 @@ class ServiceRuntime:
         self.status: dict = {}
         self._sync_task: asyncio.Task | None = None
         self._sync_again = False
+        self._reconcile_task: asyncio.Task | None = None
+        self._sync_lock = asyncio.Lock()
 
     @property
     def namespace(self) -> str:
@@ -188,26 +190,33 @@ class ServiceRuntime:
         keep serving) or the wait times out.
         """
         async with self.lock:
-            self.plan = plan
-            if plan.stopped:
-                await self._stop_everything("stopped by the serving.kserve.io/stop annotation")
-                self.event("Normal", "Stopped", "workloads stopped by the serving.kserve.io/stop annotation")
-                return
-            for warning in plan.warnings:
-                self.event("Warning", "PlanWarning", warning)
+            self._reconcile_task = asyncio.current_task()
+            try:
+                await self._reconcile_locked(plan, progress, wait_timeout_s)
+            finally:
+                self._reconcile_task = None
 
-            wanted = {workload.component for workload in plan.workloads}
-            for component, replicas in list(self.replicas.items()):
-                if component not in wanted:
-                    await self._drain_and_stop(list(replicas), f"workload {component} removed from the spec")
+    async def _reconcile_locked(self, plan: Plan, progress: Progress, wait_timeout_s: float | None) -> None:
+        self.plan = plan
+        if plan.stopped:
+            await self._stop_everything("stopped by the serving.kserve.io/stop annotation")
+            self.event("Normal", "Stopped", "workloads stopped by the serving.kserve.io/stop annotation")
+            return
+        for warning in plan.warnings:
+            self.event("Warning", "PlanWarning", warning)
 
-            for workload in plan.workloads:
-                await self._reconcile_workload(workload, progress)
-            await self.sync_gateway()
-            await self._wait_ready(progress, wait_timeout_s)
-            # Readiness changes reach the gateway from a background task; push once more so
-            # the service routes to every ready replica before apply returns.
-            await self.sync_gateway()
+        wanted = {workload.component for workload in plan.workloads}
+        for component, replicas in list(self.replicas.items()):
+            if component not in wanted:
+                await self._drain_and_stop(list(replicas), f"workload {component} removed from the spec")
+
+        for workload in plan.workloads:
+            await self._reconcile_workload(workload, progress)
+        await self.sync_gateway()
+        await self._wait_ready(progress, wait_timeout_s)
+        # Readiness changes reach the gateway from a background task; push once more so
+        # the service routes to every ready replica before apply returns.
+        await self.sync_gateway()
 
     async def _reconcile_workload(self, workload: Workload, progress: Progress) -> None:
         replicas = self.replicas.setdefault(workload.component, [])
@@ -306,12 +315,19 @@ class ServiceRuntime:
     async def _stop_everything(self, reason: str) -> None:
         for replicas in list(self.replicas.values()):
             await self._drain_and_stop(list(replicas), reason)
-        await self._context.gateway.delete_service(self.namespace, self.name)
+        async with self._sync_lock:
+            await self._context.gateway.delete_service(self.namespace, self.name)
         self.router_ready = False
         self.router_message = reason
 
+    def interrupt_reconcile(self) -> None:
+        """Cancel a running reconcile (an apply still waiting for replicas), so delete need not wait for it."""
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+
     async def delete(self) -> None:
         """Drain and stop every replica and remove the service from the gateway."""
+        self.interrupt_reconcile()
         async with self.lock:
             if self._sync_task is not None:
                 self._sync_task.cancel()
@@ -319,6 +335,7 @@ class ServiceRuntime:
 
     async def shutdown(self) -> None:
         """Drain and stop every replica but keep the stored spec (control process shutdown)."""
+        self.interrupt_reconcile()
         async with self.lock:
             await self._stop_everything("control process shutting down")
 
@@ -350,7 +367,15 @@ class ServiceRuntime:
         }
 
     async def sync_gateway(self) -> None:
-        """Push this service's routing state to the gateway now."""
+        """Push this service's routing state to the gateway now.
+
+        Pushes are serialised and each builds its entry only once it holds the lock, so an
+        older view can never overwrite a newer one at the gateway.
+        """
+        async with self._sync_lock:
+            await self._push_entry()
+
+    async def _push_entry(self) -> None:
         if self.plan.stopped:
             return
         try:
