@@ -68,9 +68,12 @@ def engines(tmp_path_factory):
         "kv_buffer_size": 400_000_000,
         "kv_connector_extra_config": {"lease_seconds": LEASE_SECONDS, "transfer_timeout_seconds": 20},
     }
+    # The decode engine reads over TCP, the path between hosts; transfers within one host
+    # (shared memory) and over NIXL are covered by test_transfer_connector.py.
+    decode_transfer = {**transfer, "kv_connector_extra_config": {**transfer["kv_connector_extra_config"], "transport": "tcp"}}
     processes = [
         start(_engine_args(prefill, 4096, transfer), logs / "prefill.log"),
-        start(_engine_args(decode, DECODE_MAX_MODEL_LEN, transfer), logs / "decode.log"),
+        start(_engine_args(decode, DECODE_MAX_MODEL_LEN, decode_transfer), logs / "decode.log"),
         start(_engine_args(aggregated, 4096, None), logs / "aggregated.log"),
         start(
             ["sidecar", "--host", "127.0.0.1", "--port", str(sidecar), "--vllm-port", str(decode),
@@ -123,7 +126,7 @@ def test_engines_log_transport(engines):
 def test_pd_tokens_match_aggregated(engines, words):
     prompt = _prompt(words, words)
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-    blocks_before = _metric(engines["decode"], "llmisvc_kv_transfer_blocks_total")
+    blocks_before = _metric(engines["decode"], "llmisvc_kv_transfer_blocks_total", 'transport="tcp"')
 
     split = _pd_completion(engines, body)
     reference = requests.post(engines["aggregated"] + "/v1/completions", json=body, timeout=120)
@@ -136,7 +139,7 @@ def test_pd_tokens_match_aggregated(engines, words):
     # Every block of the prompt came from the prefill engine (the decode engine has never
     # seen this prompt, so nothing was cached locally).
     expected_blocks = -(-prompt_tokens // 16)
-    assert _metric(engines["decode"], "llmisvc_kv_transfer_blocks_total") - blocks_before == expected_blocks
+    assert _metric(engines["decode"], "llmisvc_kv_transfer_blocks_total", 'transport="tcp"') - blocks_before == expected_blocks
 
 
 def test_prefill_blocks_freed_after_read(engines):

@@ -18,7 +18,13 @@ from llmisvc.engine.kv_transfer import KVTransferError, NixlConnector, TransferC
 from llmisvc.protocol.kv_transfer import KVTransferParams
 from support import free_port
 
-TRANSPORTS = ["tcp", pytest.param("nixl", marks=pytest.mark.skipif(import_nixl() is None, reason="NIXL is not installed"))]
+# `auto` between two connectors on one host picks shared memory.
+TRANSPORTS = [
+    "tcp",
+    "auto",
+    pytest.param("nixl", marks=pytest.mark.skipif(import_nixl() is None, reason="NIXL is not installed")),
+]
+EXPECTED = {"tcp": "tcp", "auto": "shm", "nixl": "nixl"}
 
 
 class Released:
@@ -48,6 +54,7 @@ def pair(request):
     decode = NixlConnector(config, decode_cache, Released())
     prefill.start()
     decode.start()
+    decode.expected_transport = EXPECTED[request.param]
     yield prefill, decode, prefill_cache, decode_cache, released
     prefill.close()
     decode.close()
@@ -68,6 +75,7 @@ def test_pull_copies_blocks_and_frees(pair):
     asyncio.run(decode.pull(params, [10, 11, 12, 13], 0))
 
     assert torch.equal(decode_cache.pool[[10, 11, 12, 13]], prefill_cache.pool[[3, 4, 5, 9]])
+    assert decode.last_pull.transport == decode.expected_transport
     assert released.event.wait(5)
     assert released.ids == ["req-1"]
     assert prefill.held_requests() == []

@@ -14,22 +14,26 @@ fields of vLLM's NixlConnector:
   the free notification, and imports them into the runner. Failures raise `KVTransferError`
   with a reason; the core then applies its `kv_load_failure_policy`.
 
-Two transports move the bytes, with the same side channel (TCP on `remote_port`, frames of a
-4-byte big-endian length and a msgpack map) for metadata, lookups and free notifications:
+Three transports move the bytes, with the same side channel (TCP on `remote_port`, frames
+of a 4-byte big-endian length and a msgpack map) for metadata, lookups and free
+notifications:
 
+- `shm`: a decode engine on the same host (same boot id) maps the prefill engine's slab,
+  which lives in a /dev/shm file readable by the same user only, and copies the blocks
+  straight into its KV pool. Used with `transport: auto` (the default).
 - `nixl`: the decode engine posts a NIXL READ (UCX backend, host memory) from the prefill
-  engine's registered slab into its own. Used when `nixl_cu12` (or `nixl`) imports and its
-  UCX backend starts.
-- `tcp`: the prefill engine streams the slab slots over the side-channel connection.
+  engine's registered slab into its own. Used for peers on other hosts when `nixl_cu12`
+  (or `nixl`) imports and its UCX backend starts, and always with `transport: nixl`.
+- `tcp`: the prefill engine streams the slab slots over the side-channel connection. Every
+  engine serves it, so a decode engine falls back to it when the others do not apply.
 
-Both ends log which transport they run; a decode engine whose transport differs from the
-prefill engine's falls back to TCP, which every engine serves.
+Both ends log which transport they run.
 
 Side-channel operations (request map → reply map):
 
 - `{"op": "metadata"}` → `{engine_id, transports, block_shape, dtype, block_bytes,
-  nixl_agent_metadata?, slab_address?}`
-- `{"op": "lookup", "request_id", "block_ids"}` → `{"slots": [...]}` (NIXL reads)
+  nixl_agent_metadata?, slab_address?, shm_path?, shm_bytes?, host_id?}`
+- `{"op": "lookup", "request_id", "block_ids"}` → `{"slots": [...]}` (NIXL and shm reads)
 - `{"op": "read", "request_id", "block_ids"}` → `{"nbytes": N}` followed by N raw bytes (TCP)
 - `{"op": "free", "request_id"}` → `{"freed": bool}` (idempotent)
 
@@ -71,6 +75,7 @@ _DEFAULT_TRANSFER_TIMEOUT_SECONDS = 30.0
 # touched when slots are used, so an idle slab costs address space, not memory.
 _DEFAULT_BUFFER_BYTES = 1_000_000_000
 _TCP_CHUNK_SLOTS = 64
+_SHM_DIR = "/dev/shm"
 # Larger kernel socket buffers let a block stream run with fewer wake-ups; Linux caps the
 # value at net.core.rmem_max / wmem_max.
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -103,7 +108,8 @@ class TransferConfig:
     `kv_buffer_size`, `kv_load_failure_policy`); llmisvc's own settings live in
     `kv_connector_extra_config`:
 
-    - `transport`: `auto` (NIXL when importable, else TCP), `nixl` or `tcp`.
+    - `transport`: `auto` (shared memory for peers on this host, else NIXL when importable,
+      else TCP), `nixl` or `tcp`.
     - `side_channel_host` / `side_channel_port`: where the side channel listens; defaults
       from `VLLM_NIXL_SIDE_CHANNEL_HOST` / `VLLM_NIXL_SIDE_CHANNEL_PORT`, else 127.0.0.1 and
       an ephemeral port (0), so several engines on one machine never collide.
@@ -216,15 +222,35 @@ class StagingSlab:
     buffer's address never changes, which is what lets NIXL register it once.
     """
 
-    def __init__(self, slot_bytes: int, num_slots: int):
+    def __init__(self, slot_bytes: int, num_slots: int, shm_path: str | None = None):
         if num_slots <= 0:
-            raise ValueError(f"kv_buffer_size holds no block of {slot_bytes} bytes")
+            raise ValueError(f"kv_buffer_size is smaller than one block of {slot_bytes} bytes")
         self.slot_bytes = slot_bytes
         self.num_slots = num_slots
-        self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8)
+        self.shm_path = shm_path
+        if shm_path is not None:
+            # A file under /dev/shm, readable by this user only, lets a decode engine on the
+            # same host map the slab and copy blocks out directly.
+            fd = os.open(shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, num_slots * slot_bytes)
+            finally:
+                os.close(fd)
+            flat = torch.from_file(shm_path, shared=True, size=num_slots * slot_bytes, dtype=torch.uint8)
+            self.buffer = flat.view(num_slots, slot_bytes)
+        else:
+            self.buffer = torch.empty((num_slots, slot_bytes), dtype=torch.uint8)
         self.address = self.buffer.data_ptr()
         self._free = list(range(num_slots - 1, -1, -1))
         self._lock = threading.Lock()
+
+    def unlink(self) -> None:
+        """Remove the shared-memory file; mappings stay valid until unmapped."""
+        if self.shm_path is not None:
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
 
     @property
     def free_slots(self) -> int:
@@ -250,10 +276,15 @@ class StagingSlab:
 
         Consecutive slots come back as a view of the slab (no copy), others as a copy.
         """
+        return self.select(self.buffer, slots)
+
+    @staticmethod
+    def select(buffer: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
+        """Return rows `slots` of a [num_slots, slot_bytes] buffer, as a view when consecutive."""
         first = slots[0]
         if list(slots) == list(range(first, first + len(slots))):
-            return self.buffer[first : first + len(slots)]
-        return self.buffer[torch.as_tensor(slots, dtype=torch.long)]
+            return buffer[first : first + len(slots)]
+        return buffer[torch.as_tensor(slots, dtype=torch.long)]
 
     def write(self, slots: Sequence[int], data: torch.Tensor) -> None:
         """Copy `data` ([len(slots), slot_bytes] uint8) into the slots."""
@@ -466,6 +497,9 @@ class _PeerInfo:
     block_bytes: int
     nixl_agent_metadata: bytes | None
     slab_address: int | None
+    shm_path: str | None = None
+    shm_bytes: int = 0
+    host_id: str | None = None
 
 
 class NixlConnector:
@@ -497,7 +531,8 @@ class NixlConnector:
         self.dtype = str(probe.dtype).removeprefix("torch.")
         self.block_bytes = probe[0].numel() * probe.element_size()
         num_slots = config.kv_buffer_size // self.block_bytes
-        self.slab = StagingSlab(self.block_bytes, num_slots)
+        self.host_id = _host_id()
+        self.slab = StagingSlab(self.block_bytes, num_slots, self._shm_path())
 
         self.transport = "tcp"
         self._nixl: NixlAgent | None = None
@@ -511,6 +546,7 @@ class NixlConnector:
         self._held: dict[str, _Held] = {}
         self._held_lock = threading.Lock()
         self._peers: dict[tuple[str, int], _PeerInfo] = {}
+        self._peer_slabs: dict[str, torch.Tensor] = {}
         self._peers_lock = threading.Lock()
         self._server: _SideChannelServer | None = None
         self._reaper: threading.Thread | None = None
@@ -518,6 +554,12 @@ class NixlConnector:
         self.host = config.side_channel_host
         self.port = config.side_channel_port
         self.last_pull: PullTiming | None = None
+
+    def _shm_path(self) -> str | None:
+        """Return where the slab goes in shared memory, or None to keep it private."""
+        if self.config.transport != "auto" or not os.path.isdir(_SHM_DIR):
+            return None
+        return os.path.join(_SHM_DIR, f"llmisvc-kv-{self.engine_id}")
 
     def _start_nixl(self) -> NixlAgent | None:
         module = import_nixl()
@@ -540,8 +582,9 @@ class NixlConnector:
         self._reaper = threading.Thread(target=self._reap_expired, name="kv-lease-reaper", daemon=True)
         self._reaper.start()
         logger.info(
-            "KV transfer ready: transport=%s engine_id=%s side_channel=%s:%d slab=%d blocks of %d bytes lease=%.1fs",
+            "KV transfer ready: transport=%s%s engine_id=%s side_channel=%s:%d slab=%d blocks of %d bytes lease=%.1fs",
             self.transport,
+            " (shared memory for peers on this host)" if self.slab.shm_path else "",
             self.engine_id,
             self.host,
             self.port,
@@ -553,6 +596,7 @@ class NixlConnector:
     def close(self) -> None:
         """Stop the side channel and free every held request."""
         self._stopping.set()
+        self.slab.unlink()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -695,6 +739,11 @@ class NixlConnector:
         if self._nixl is not None:
             data["nixl_agent_metadata"] = self._nixl.metadata()
             data["slab_address"] = self.slab.address
+        if self.slab.shm_path is not None:
+            data["transports"].insert(0, "shm")
+            data["shm_path"] = self.slab.shm_path
+            data["shm_bytes"] = self.slab.num_slots * self.slab.slot_bytes
+            data["host_id"] = self.host_id
         return data
 
     # -- decode side -----------------------------------------------------------------
@@ -739,7 +788,11 @@ class NixlConnector:
                 self._notify_free(params, request_id, deadline)
                 return
             peer = self._peer(params, deadline)
-            transport = "nixl" if self._nixl is not None and "nixl" in peer.transports else "tcp"
+            transport = self._choose_transport(peer)
+            if transport == "shm":
+                wire_seconds = self._pull_shm(params, peer, request_id, remote_blocks, local_blocks, deadline)
+                self._finish_pull(transport, len(local_blocks), wire_seconds, started, request_id)
+                return
             slots = self.slab.allocate(len(local_blocks))
             if slots is None:
                 raise KVTransferError("staging_full", f"no staging room for {len(local_blocks)} blocks")
@@ -771,19 +824,72 @@ class NixlConnector:
             self._notify_free(params, request_id, deadline)
             raise KVTransferError("connection", f"side channel {params.remote_host}:{params.remote_port}: {exc}") from exc
 
-        nbytes = len(local_blocks) * self.block_bytes
-        self.last_pull = PullTiming(transport, nbytes, wire_seconds, time.perf_counter() - started)
+        self._finish_pull(transport, len(local_blocks), wire_seconds, started, request_id)
+
+    def _finish_pull(self, transport: str, num_blocks: int, wire_seconds: float, started: float, request_id: str) -> None:
+        nbytes = num_blocks * self.block_bytes
+        total = time.perf_counter() - started
+        self.last_pull = PullTiming(transport, nbytes, wire_seconds, total)
         self.metrics.bytes.labels(transport=transport).inc(nbytes)
-        self.metrics.blocks.labels(transport=transport).inc(len(local_blocks))
-        self.metrics.duration.labels(transport=transport).observe(time.perf_counter() - started)
+        self.metrics.blocks.labels(transport=transport).inc(num_blocks)
+        self.metrics.duration.labels(transport=transport).observe(total)
         logger.debug(
-            "request %s: pulled %d blocks (%d bytes) over %s in %.2f ms",
-            request_id,
-            len(local_blocks),
-            nbytes,
-            transport,
-            (time.perf_counter() - started) * 1000,
+            "request %s: pulled %d blocks (%d bytes) over %s in %.2f ms", request_id, num_blocks, nbytes, transport, total * 1000
         )
+
+    def _choose_transport(self, peer: "_PeerInfo") -> str:
+        if "shm" in peer.transports and self.config.transport == "auto" and peer.host_id == self.host_id:
+            if self._map_peer_slab(peer) is not None:
+                return "shm"
+        if self._nixl is not None and "nixl" in peer.transports:
+            return "nixl"
+        return "tcp"
+
+    def _map_peer_slab(self, peer: "_PeerInfo") -> torch.Tensor | None:
+        """Map a same-host peer's slab read-write (torch has no read-only file mapping)."""
+        with self._peers_lock:
+            mapped = self._peer_slabs.get(peer.engine_id)
+        if mapped is not None:
+            return mapped
+        try:
+            flat = torch.from_file(peer.shm_path, shared=True, size=peer.shm_bytes, dtype=torch.uint8)
+        except (RuntimeError, OSError) as exc:
+            logger.info("cannot map KV slab %s of engine %s (%s); using the network", peer.shm_path, peer.engine_id, exc)
+            return None
+        mapped = flat.view(-1, peer.block_bytes)
+        with self._peers_lock:
+            self._peer_slabs[peer.engine_id] = mapped
+        return mapped
+
+    def _pull_shm(
+        self,
+        params: KVTransferParams,
+        peer: "_PeerInfo",
+        request_id: str,
+        remote_blocks: list[int],
+        local_blocks: list[int],
+        deadline: float,
+    ) -> float:
+        """Copy blocks straight from a same-host peer's mapped slab into the KV pool.
+
+        The free call doubles as the check that the blocks were still held during the copy:
+        a hold that expired meanwhile may have had its slots reused, so the copy is discarded.
+        """
+        address = (str(params.remote_host), int(params.remote_port))
+        reply = self._call(address, {"op": "lookup", "request_id": request_id, "block_ids": remote_blocks}, deadline)
+        remote = self._peer_slabs[peer.engine_id]
+        wire_started = time.perf_counter()
+        rows = StagingSlab.select(remote, reply["slots"])
+        tensor = rows.view(_TORCH_DTYPES.get(peer.dtype, torch.uint8)).view(len(local_blocks), *peer.block_shape)
+        try:
+            self._runner.import_blocks(local_blocks, tensor)
+        except (ValueError, IndexError, RuntimeError) as exc:
+            raise KVTransferError("import_failed", f"writing {len(local_blocks)} blocks into the KV pool failed: {exc}") from exc
+        wire_seconds = time.perf_counter() - wire_started
+        freed = self._call(address, {"op": "free", "request_id": request_id}, max(deadline, time.monotonic() + 2.0))
+        if not freed.get("freed"):
+            raise KVTransferError("not_held", f"request {request_id} was released while its blocks were copied")
+        return wire_seconds
 
     def _plan_pull(
         self, params: KVTransferParams, block_ids: list[int], first_uncached_block: int
@@ -816,6 +922,9 @@ class NixlConnector:
             block_bytes=int(reply["block_bytes"]),
             nixl_agent_metadata=reply.get("nixl_agent_metadata"),
             slab_address=reply.get("slab_address"),
+            shm_path=reply.get("shm_path"),
+            shm_bytes=int(reply.get("shm_bytes", 0)),
+            host_id=reply.get("host_id"),
         )
         if params.remote_engine_id and peer.engine_id != params.remote_engine_id:
             raise KVTransferError(
@@ -902,6 +1011,15 @@ class NixlConnector:
                 raise KVTransferError("timeout", f"{address[0]}:{address[1]} did not respond to {message['op']}") from exc
         _raise_for_error(reply)
         return reply
+
+
+def _host_id() -> str:
+    """Return an id that two processes share exactly when they run on one booted host."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            return f"{socket.gethostname()}:{boot_id.read().strip()}"
+    except OSError:
+        return f"{socket.gethostname()}:{uuid.getnode()}"
 
 
 def _remote_request_id(params: KVTransferParams) -> str:
