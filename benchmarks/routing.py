@@ -1,8 +1,8 @@
 """Routing benchmark: scheduling policies over 8 simulated replicas, in virtual time.
 
-The scheduler runs in-process with its real plugins, datastore and metrics parser; the
+The scheduler runs in-process with its real plugins, datastore and metrics parser. The
 replicas are the simulator's engine core (`llmisvc.sim.engine.SimEngine`, the code behind
-`llmisvc sim`) driven on an event loop whose clock jumps to the next timer instead of
+`llmisvc sim`), driven on an event loop whose clock jumps to the next timer instead of
 sleeping. Timing is therefore exact and repeatable on a shared machine, and the results
 measure the policies, not the host. Metrics reach the datastore through its scrape loop
 every 50 ms of virtual time, rendered and parsed as over HTTP; KV events go straight to
@@ -41,11 +41,11 @@ from llmisvc.sim.latency import LatencyModel
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "sim"
 
-# Replica model: prefill 0.1 ms per token (an 8B model on one H100 is in this range),
-# 10 ms per output token at batch 1 rising to 30 ms at 32 sequences, and a KV cache of
-# 2,048 blocks of 16 tokens: room for about 14 of the 32 system prompts, so a policy that
-# scatters groups over every replica thrashes the cache while one that keeps groups
-# together fits them all.
+# Replica model: prefill costs 0.1 ms per token, an estimate for an 8B model on one
+# H100. Decoding costs 10 ms per output token at batch 1, rising to 30 ms at 32 sequences.
+# The KV cache has 2,048 blocks of 16 tokens, room for about 14 of the 32 system prompts.
+# A policy that scatters groups over every replica therefore thrashes the cache, while
+# one that keeps groups together fits them all.
 LATENCY = LatencyModel(ttft_overhead=0.02, prefill_per_token=0.0001, itl=0.01, itl_max_factor=3.0)
 MAX_NUM_SEQS = 32
 NUM_GPU_BLOCKS = 2048
@@ -66,9 +66,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self._now
 
     def _run_once(self) -> None:
-        # asyncio keeps ready callbacks in `_ready` and timers in the heap `_scheduled`;
-        # with nothing ready, advancing the clock to the earliest timer makes the
-        # selector's timeout zero, so the loop never sleeps.
+        # asyncio keeps ready callbacks in `_ready` and timers in the heap `_scheduled`.
+        # With nothing ready, moving the clock to the earliest timer makes the selector's
+        # timeout zero, so the loop never sleeps.
         if not self._ready and self._scheduled:
             when = self._scheduled[0]._when
             if when > self._now:

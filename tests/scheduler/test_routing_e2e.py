@@ -1,7 +1,7 @@
 """Routing cases from peer routers' bug reports, with simulated replicas behind the real gateway.
 
 The gateway (`llmisvc gateway`, default scheduler profile) and eight `llmisvc sim` replicas
-run as real processes; the endpoint that served each request comes from the gateway's
+run as real processes. The endpoint that served each request comes from the gateway's
 `x-llmisvc-endpoint` response header. The long-scrape-interval case drives the scheduler
 in-process against real sims, because the gateway has no flag for its scrape interval.
 """
@@ -182,9 +182,9 @@ def test_concurrent_conversations_spread(cluster):
 def test_removed_stale_replica_leaves_routing_and_metrics(cluster, tmp_path):
     gateway, sims = cluster
     extra = SimProcess(tmp_path, MODEL, "--itl-ms", "1")
-    kept, gone = sims.addresses[0], extra.addresses[0]
+    kept_address, removed_address = sims.addresses[0], extra.addresses[0]
     try:
-        gateway.put_service("removal", {**scheduler_entry([kept, gone]), "model": MODEL + "-removal"})
+        gateway.put_service("removal", {**scheduler_entry([kept_address, removed_address]), "model": MODEL + "-removal"})
         # Requests by the service path reach this service, not the main one.
         url = gateway.url + "/default/removal/v1/completions"
         rng = random.Random(6)
@@ -194,24 +194,24 @@ def test_removed_stale_replica_leaves_routing_and_metrics(cluster, tmp_path):
             return response.status_code, response.headers.get("x-llmisvc-endpoint")
 
         seen = {send()[1] for _ in range(20)}
-        assert gone in seen
-        assert scrape(gateway.url + "/metrics", "scheduler_picks_total", endpoint=gone) > 0
+        assert removed_address in seen
+        assert scrape(gateway.url + "/metrics", "scheduler_picks_total", endpoint=removed_address) > 0
     finally:
         extra.stop()  # its metrics now go stale
 
     time.sleep(0.5)
-    gateway.put_service("removal", {**scheduler_entry([kept]), "model": MODEL + "-removal"})
+    gateway.put_service("removal", {**scheduler_entry([kept_address]), "model": MODEL + "-removal"})
     results = [send() for _ in range(10)]
     assert all(status == 200 for status, _ in results), results
-    assert {endpoint for _, endpoint in results} == {kept}
+    assert {endpoint for _, endpoint in results} == {kept_address}
 
-    def scheduler_lines_with_gone():
+    def scheduler_lines_with_removed():
         text = requests.get(gateway.url + "/metrics", timeout=10).text
-        return [line for line in text.splitlines() if line.startswith("scheduler_") and gone in line]
+        return [line for line in text.splitlines() if line.startswith("scheduler_") and removed_address in line]
 
     # NOTE: only the scheduler's series are checked; the gateway's own per-endpoint
     # series are the gateway's to remove.
-    assert wait_until(lambda: not scheduler_lines_with_gone(), timeout=15), scheduler_lines_with_gone()
+    assert wait_until(lambda: not scheduler_lines_with_removed(), timeout=15), scheduler_lines_with_removed()
 
 
 def test_scrape_interval_longer_than_staleness(cluster):

@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     load = serve.add_argument_group("load")
     load.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (default inf: all at once)")
     load.add_argument("--arrival", choices=("poisson", "fixed"), default="poisson", help="gaps between arrivals: exponential or constant")
-    load.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    load.add_argument("--max-concurrency", type=int, default=None, help="maximum number of requests in flight at once (default: no limit)")
 
     output = serve.add_argument_group("output")
     output.add_argument("--result-file", type=Path, default=None, help="write the result JSON here")

@@ -1,8 +1,8 @@
 """One benchmark request over HTTP: streams the response and records its timing.
 
-Time to first token is measured to the first chunk carrying text; inter-token latencies
-are the gaps between later text chunks (a chunk may carry several tokens, as in vLLM's
-benchmark). Output and cached token counts come from the final usage chunk
+Time to first token is measured to the first chunk carrying text. Inter-token latencies
+are the gaps between later text chunks, so a chunk carrying several tokens counts once,
+as in vLLM's benchmark. Output and cached token counts come from the final usage chunk
 (`stream_options.include_usage`), falling back to the number of text chunks.
 """
 

@@ -1,8 +1,8 @@
 """Sends a workload at a target arrival rate or concurrency and collects the outcomes.
 
 Arrivals are Poisson (exponential gaps) or fixed-rate at `request_rate` requests per
-second, or all at once when the rate is infinite; `max_concurrency` caps requests in
-flight either way. A multi-turn conversation's next turn is queued when its previous
+second, or all at once when the rate is infinite. `max_concurrency` caps requests in
+flight in every mode. A multi-turn conversation's next turn is queued when its previous
 answer arrives, so it competes with new arrivals like a user's follow-up would.
 """
 

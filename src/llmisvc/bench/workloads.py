@@ -3,8 +3,8 @@
 - `random`: unrelated prompts of `input_len` tokens.
 - `prefix-repetition`: `num_prefixes` prefixes of `prefix_len` tokens, each request one of
   them (chosen at random) plus a random suffix of `input_len` tokens.
-- `shared-prefix`: `num_groups` groups of `prompts_per_group` prompts; each group shares a
-  system prompt of `prefix_len` tokens followed by a question of `input_len` tokens;
+- `shared-prefix`: `num_groups` groups of `prompts_per_group` prompts. Each group shares a
+  system prompt of `prefix_len` tokens, followed by a question of `input_len` tokens, and
   requests are shuffled across groups.
 - `multi-turn`: `num_prompts` conversations of `turns` user turns; each turn resends the
   conversation so far (system prompt, earlier questions and the model's answers), so it
@@ -26,8 +26,8 @@ WORKLOADS = ("random", "prefix-repetition", "shared-prefix", "multi-turn")
 class BenchRequest:
     """One request to send: a prompt (completions) or messages (chat), and its output length.
 
-    For multi-turn, `conversation` and `turn` identify the request and `questions` holds
-    the later user turns still to send.
+    For multi-turn, `conversation` and `turn` identify the request and `questions`
+    contains the later user turns still to send.
     """
 
     max_tokens: int

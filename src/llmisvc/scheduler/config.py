@@ -2,10 +2,10 @@
 
 Accepted: `apiVersion` `llm-d.ai/v1alpha1` or `inference.networking.x-k8s.io/v1alpha1`,
 `kind: EndpointPickerConfig`, `plugins: [{type, name, parameters}]`,
-`schedulingProfiles: [{name, plugins: [{pluginRef, weight}]}]`. Defaulting as llm-d does
-it: a plugin's name defaults to its type; one profile and no profile handler gets a
-`single-profile-handler`; a profile without a picker gets `max-score-picker`; a scorer
-without a weight gets 1. Any unknown plugin type, unknown parameter or bad value raises
+`schedulingProfiles: [{name, plugins: [{pluginRef, weight}]}]`. Defaulting follows llm-d.
+A plugin's name defaults to its type. One profile and no profile handler gets a
+`single-profile-handler`. A profile without a picker gets `max-score-picker`, and a
+scorer without a weight gets 1. Any unknown plugin type, unknown parameter or bad value raises
 `ConfigError` naming the plugin and the parameter.
 """
 

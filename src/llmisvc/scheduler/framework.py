@@ -1,9 +1,8 @@
 """Plugin interfaces of the scheduler and the values passed between them.
 
-A scheduling cycle: the profile handler names the profiles to run; each profile filters
-the candidate endpoints (in order; an empty result fails the profile), scores the rest
-(each scorer returns values in [0, 1]; the total is the sum of weight x score) and lets
-its picker choose. The handler may run further profiles after seeing results (for
+In a scheduling cycle the profile handler names the profiles to run. Each profile runs
+its filters in order (an empty result fails the profile), then its scorers (each returns
+values in [0, 1], and the total is the sum of weight x score), then its picker. The handler may run further profiles after seeing results (for
 example a prefill profile after the decode pick) and finally turns the profile results
 into one `SchedulingResult`.
 
@@ -39,7 +38,7 @@ class AllFiltered(TooManyRequestsError):
 
 @dataclass
 class SchedulingRequest:
-    """What the scheduler knows about one request.
+    """Request data the scheduler uses.
 
     `prompt_text` is the text the engine will process when the caller already has it;
     otherwise the scheduler derives it from `body` (completions `prompt`, or chat

@@ -1,9 +1,9 @@
 """Approximate prefix index: which endpoint probably caches which prompt prefix.
 
 The prompt text is cut into blocks of `block_chars` characters (block size in tokens x 4,
-the usual characters per token) and each block gets a chained 64-bit hash (BLAKE2b of
-the parent hash and the block's text), seeded with the model name so two models never
-share entries. At most `max_blocks` leading blocks are hashed. Each endpoint has an LRU
+the usual characters per token). Each block gets a chained 64-bit hash, BLAKE2b of the
+parent hash and the block's text. The chain is seeded with the model name, so two models
+never share entries. At most `max_blocks` leading blocks are hashed. Each endpoint has an LRU
 of block hashes with `capacity` entries; a reverse map from hash to endpoints makes a
 lookup cost one dict probe per block. The index learns at pick time, not from the
 engine, so prefixes of requests still in flight count, and its total size is capped by
@@ -43,9 +43,9 @@ class PrefixIndex:
 
     `capacity` is the default per-endpoint size; `set_capacity` overrides it for one
     endpoint (auto-sizing from the engine's KV cache size). The reverse map stores, per
-    block hash, a bit mask of the endpoints holding it: plain ints are not tracked by
-    Python's cyclic garbage collector, so a million entries add no collection pauses
-    to scheduling decisions, as a set per hash would.
+    block hash, a bit mask of the endpoints that have it. Plain ints are not tracked by
+    Python's cyclic garbage collector, so a million entries cost the collector nothing,
+    while a set per hash would add a million tracked objects.
     """
 
     def __init__(self, capacity: int = 31_250, max_total_entries: int = 2_000_000):

@@ -57,7 +57,7 @@ class Param:
 
 @dataclass
 class PluginContext:
-    """What a plugin may use when it is built: the service's shared objects."""
+    """Shared objects of one service that a plugin may use when it is built."""
 
     datastore: "Datastore"
     model_name: str

@@ -2,9 +2,9 @@
 
 `Scheduler.from_config` builds either pipeline behind one `schedule()` call, so the
 gateway treats every deployment shape alike. The scheduler derives the prompt text the
-engine will see (completions `prompt`, or chat `messages` rendered with the chat
-template), runs the profile handler's profiles, lets stateful plugins learn the pick,
-records metrics and logs one debug line per decision with the scores.
+engine will see: the completions `prompt`, or chat `messages` rendered with the chat
+template. It then runs the profile handler's profiles and lets stateful plugins learn
+the pick. Each decision is recorded in metrics and in one debug log line with the scores.
 """
 
 from __future__ import annotations
