@@ -13,7 +13,7 @@ EOS = 7
 
 def row(output=(), prompt=(), seed=None, **options) -> SamplingRow:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return SamplingRow(SamplingOptions(**options), list(prompt), list(output), generator, [EOS])
+    return SamplingRow(SamplingOptions(**options), [*prompt, *output], len(prompt), generator, [EOS])
 
 
 def logits(*rows) -> torch.Tensor:

@@ -216,7 +216,7 @@ def small_engine(tmp_path_factory):
 
 
 def complete(base: str, prompt: str) -> str:
-    body = {"model": "smol", "prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    body = {"model": "smol", "prompt": prompt, "max_tokens": 100, "temperature": 0, "ignore_eos": True}
     response = requests.post(f"{base}/v1/completions", json=body, timeout=300)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
@@ -235,8 +235,8 @@ def test_preemption_keeps_greedy_output(small_engine):
     alone = [complete(small_engine, prompt) for prompt in prompts]
     assert preemptions(small_engine) == 0
 
-    # Four sequences of about 70 tokens need about 20 blocks of 16 together, more than the
-    # pool has once each grows, so some are preempted and recomputed.
+    # Four sequences of about 112 tokens need 28 blocks of 16 together, more than the 20
+    # the pool has, so some are preempted as they grow and recomputed later.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: complete(small_engine, p), prompts))
     assert preemptions(small_engine) > 0

@@ -379,8 +379,8 @@ class LLMEngine:
             sampled_rows.append(
                 SamplingRow(
                     options=seq.options,
-                    prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-                    output_token_ids=seq.output_token_ids,
+                    token_ids=seq.token_ids,
+                    num_prompt_tokens=seq.num_prompt_tokens,
                     generator=submission.generators.get(seq.seq_id),
                     eos_token_ids=self.eos_token_ids,
                 )

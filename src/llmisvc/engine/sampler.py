@@ -25,15 +25,32 @@ _GREEDY_TEMPERATURE = 1e-5
 class SamplingRow:
     """What the sampler needs to know about one sequence in the batch.
 
-    `generator` is the request's own generator when it has a seed, else None (the shared
-    generator is used). `eos_token_ids` are masked while fewer than `min_tokens` are generated.
+    `token_ids` is the prompt followed by the generated tokens; it is only sliced when a
+    penalty needs it, so building rows costs nothing per token. `generator` is the request's
+    own generator when it has a seed, else None (the shared generator is used).
+    `eos_token_ids` are masked while fewer than `min_tokens` are generated.
     """
 
     options: SamplingOptions
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
     generator: torch.Generator | None
     eos_token_ids: list[int]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """The prompt's tokens."""
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens."""
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        """How many tokens were generated."""
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -162,7 +179,7 @@ def _mask_eos_before_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -
     row_index, col_index = [], []
     vocab = logits.shape[1]
     for i, row in enumerate(rows):
-        if len(row.output_token_ids) < row.options.min_tokens:
+        if row.num_output_tokens < row.options.min_tokens:
             for token_id in (*row.eos_token_ids, *row.options.stop_token_ids):
                 if 0 <= token_id < vocab:
                     row_index.append(i)
