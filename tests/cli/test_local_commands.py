@@ -100,8 +100,8 @@ def test_apply_get_and_outputs(env):
     assert table[1].split()[0] == "one"
 
     wide = cli(env, "get", "one", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "URL", "READY", "REASON", "AGE", "REPLICAS", "MODEL", "SHAPE", "GENERATION"]
-    assert wide[1].split()[-4:] == ["2/2", "one", "scheduler", "1"]
+    assert wide[0].split() == ["NAME", "URL", "READY", "REASON", "AGE", "REPLICAS", "MODEL", "SHAPE", "GENERATION", "POOLS"]
+    assert wide[1].split()[-5:] == ["2/2", "one", "scheduler", "1", "both:2/2"]
 
     document = json.loads(cli(env, "get", "one", "-o", "json").stdout)
     assert document["kind"] == "LLMInferenceService"
@@ -167,15 +167,15 @@ def test_logs_selection(env):
     assert "no prefill replicas" in no_prefill.stderr
 
 
-def test_prefill_decode_runs_aggregated(env):
+def test_prefill_decode_runs_split(env):
     path = write(env, "pd", sim_service("pd", replicas=1, prefill=2))
     applied = cli(env, "apply", "-f", str(path))
     assert applied.returncode == 0, applied.stderr
-    assert "serve aggregated" in applied.stdout
+    assert "serve aggregated" not in applied.stdout
 
-    row = cli(env, "get", "pd").stdout.splitlines()[1].split()
+    row = cli(env, "get", "pd", "-o", "wide").stdout.splitlines()[1].split()
     assert row[2] == "True"
-    assert row[3] == "PrefillDecodeAggregated"
+    assert row[-2:] == ["1", "decode:1/1,prefill:2/2"]
     assert cli(env, "logs", "pd", "--prefill", "--replica", "1").returncode == 0
     info = cli(env, "describe", "pd").stdout
     assert "pd-kserve-prefill" in info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -230,14 +231,17 @@ def test_revision_ignores_replica_count():
     assert first.revision != changed.revision
 
 
-def test_prefill_decode_runs_aggregated():
+def test_prefill_decode_splits_roles():
     plan = plan_of(spec(**{"spec.prefill": {"replicas": 2}}))
     assert plan.shape == "pd"
     assert [w.component for w in plan.workloads] == ["main", "prefill"]
     assert [w.replicas for w in plan.workloads] == [2, 2]
     assert plan.workloads[1].name == "svc-kserve-prefill"
-    assert {w.role for w in plan.workloads} == {"both"}
-    assert "serve aggregated" in plan.aggregated_reason
+    assert [w.role for w in plan.workloads] == ["decode", "prefill"]
+    assert plan.aggregated_reason is None
+    for workload in plan.workloads:
+        flag = workload.engine_args.index("--kv-transfer-config")
+        assert json.loads(workload.engine_args[flag + 1])["kv_connector"] == "NixlConnector"
 
 
 def test_stop_annotation_marks_plan_stopped():

@@ -129,7 +129,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def _dry_run(client: ControlClient, text: str) -> int:
-    """Print the plan; asks the running control process when there is one (it knows the current state)."""
+    """Print the plan, from the running control process when there is one, because only it has the current state."""
     try:
         result = client.call("apply", yaml=text, dry_run=True)
     except ControlNotRunning:
@@ -222,12 +222,13 @@ def run_get(args: argparse.Namespace) -> int:
         return 0
     header = ["NAME", "URL", "READY", "REASON", "AGE"]
     if args.output == "wide":
-        header += ["REPLICAS", "MODEL", "SHAPE", "GENERATION"]
+        header += ["REPLICAS", "MODEL", "SHAPE", "GENERATION", "POOLS"]
     rows = [header]
     for service in services:
         row = [service["name"], service["url"], service["ready"], service["reason"], _age(service["age_s"])]
         if args.output == "wide":
             row += [f"{service['replicas_ready']}/{service['replicas_desired']}", service["model"], service["shape"], str(service["generation"])]
+            row.append(",".join(f"{pool['role']}:{pool['ready']}/{pool['desired']}" for pool in service.get("pools", [])))
         rows.append(row)
     print(_table(rows))
     return 0
@@ -257,49 +258,64 @@ def render_description(info: dict) -> str:
         f"Age:          {_age(info['age_s'])}",
         f"Replicas:     {info['replicas_ready']}/{info['replicas_desired']} ready",
         f"Gateway:      pid {info['gateway']['pid']}, port {info['gateway']['port']}, restarts {info['gateway']['restarts']}",
-        "Workloads:",
     ]
-    for workload in info["plan"]["workloads"]:
-        lines.append(f"  {workload['name']}: {workload['replicas']} replicas, {workload['engine']} engine, role {workload['role']}, "
-                     f"revision {workload['revision']}, threads {workload['threads']}, devices {workload['gpus_per_replica']}")
-        lines.append(f"    Args: {' '.join(workload['engine_args'])}")
-    if info["plan"].get("aggregated_reason"):
-        lines.append(f"  Note: {info['plan']['aggregated_reason']}")
+    lines += _workload_lines(info["plan"])
+
     lines.append("Conditions:")
-    rows = [["Type", "Status", "Reason", "Message"]] + [
-        [c["type"], c["status"], c.get("reason", ""), c.get("message", "")] for c in info["conditions"]
-    ]
+    rows = [["Type", "Status", "Reason", "Message"]]
+    rows += [[c["type"], c["status"], c.get("reason", ""), c.get("message", "")] for c in info["conditions"]]
     lines += ["  " + line for line in _table(rows).splitlines()]
+
     lines.append("Replicas:")
     for replica in info["replicas"]:
-        lines.append(f"  {replica['id']}:")
-        lines.append(f"    Role:       {replica['role']} ({replica['component']})")
-        lines.append(f"    State:      {replica['state']}")
-        lines.append(f"    Ready:      {replica['ready']}")
-        lines.append(f"    Port:       {replica['port']}")
-        lines.append(f"    PID:        {replica['pid']}")
-        lines.append(f"    Restarts:   {replica['restarts']}")
-        lines.append(f"    Revision:   {replica['revision']}")
-        if replica["devices"]:
-            lines.append(f"    Devices:    {','.join(str(d) for d in replica['devices'])}")
-        lines.append(f"    Log:        {replica['log_path']}")
-        last = replica.get("last_termination")
-        if last:
-            exit_code = last.get("exit_code")
-            lines.append(f"    Last State: Terminated ({last['reason']}, exit code {exit_code if exit_code is not None else 'unknown'}): {last['message']}")
-            if last.get("log_tail"):
-                lines.append("    Last log lines before termination:")
-                lines += [f"      {line}" for line in last["log_tail"].splitlines()]
+        lines += _replica_lines(replica)
+
     lines.append("Events:")
     if not info["events"]:
         lines.append("  <none>")
     else:
         now = time.time()
-        rows = [["Type", "Reason", "Age", "From", "Message"]] + [
-            [e["type"], e["reason"], _age(now - e["time"]), e["object"], e["message"]] for e in info["events"]
-        ]
+        rows = [["Type", "Reason", "Age", "From", "Message"]]
+        rows += [[e["type"], e["reason"], _age(now - e["time"]), e["object"], e["message"]] for e in info["events"]]
         lines += ["  " + line for line in _table(rows).splitlines()]
     return "\n".join(lines) + "\n"
+
+
+def _workload_lines(plan: dict) -> list[str]:
+    lines = ["Workloads:"]
+    for workload in plan["workloads"]:
+        lines.append(f"  {workload['name']}: {workload['replicas']} replicas, {workload['engine']} engine, role {workload['role']}, "
+                     f"revision {workload['revision']}, threads {workload['threads']}, devices {workload['gpus_per_replica']}")
+        lines.append(f"    Args: {' '.join(workload['engine_args'])}")
+    if plan.get("aggregated_reason"):
+        lines.append(f"  Note: {plan['aggregated_reason']}")
+    return lines
+
+
+def _replica_lines(replica: dict) -> list[str]:
+    lines = [
+        f"  {replica['id']}:",
+        f"    Role:       {replica['role']} ({replica['component']})",
+        f"    State:      {replica['state']}",
+        f"    Ready:      {replica['ready']}",
+        f"    Port:       {replica['port']}",
+        f"    PID:        {replica['pid']}",
+        f"    Restarts:   {replica['restarts']}",
+        f"    Revision:   {replica['revision']}",
+    ]
+    if replica["devices"]:
+        lines.append(f"    Devices:    {','.join(str(d) for d in replica['devices'])}")
+    lines.append(f"    Log:        {replica['log_path']}")
+
+    last = replica.get("last_termination")
+    if last:
+        exit_code = last.get("exit_code")
+        shown_code = exit_code if exit_code is not None else "unknown"
+        lines.append(f"    Last State: Terminated ({last['reason']}, exit code {shown_code}): {last['message']}")
+        if last.get("log_tail"):
+            lines.append("    Last log lines before termination:")
+            lines += [f"      {line}" for line in last["log_tail"].splitlines()]
+    return lines
 
 
 # logs

@@ -46,7 +46,11 @@ ROLE_LABEL = "llm-d.ai/role"
 # the prefill/decode shape starts every replica aggregated (role "both") and says so in
 # the plan's `aggregated_reason`; switching it makes prefill workloads role "prefill" and
 # main workloads role "decode", which the gateway entry passes on unchanged.
-PREFILL_DECODE_SPLIT = False
+PREFILL_DECODE_SPLIT = True
+
+# `--kv-transfer-config` given to both pools of a split service unless the container's args
+# set their own: vLLM's NixlConnector fields, which llmisvc's engine and simulator read too.
+KV_TRANSFER_CONFIG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 
 DEFAULT_GRACE_PERIOD_S = 30.0
 
@@ -202,7 +206,7 @@ def build_plan(resolved: Any, machine: Machine, pvc_root: Path | None = None) ->
         )
 
     _check_devices(workloads, machine, issues, warnings)
-    if resolved.shape == "scheduler" and resolved.scheduler_config is not None:
+    if resolved.shape in ("scheduler", "pd") and resolved.scheduler_config is not None:
         _check_scheduler_config(resolved, issues)
 
     if issues:
@@ -347,6 +351,8 @@ def _plan_workload(
         probes[field_name] = probe
 
     engine_args = ["--model", model_uri, "--served-model-name", resolved.model_name] + parallel_args + user_args
+    if role in ("prefill", "decode") and not any(arg.split("=", 1)[0] == "--kv-transfer-config" for arg in user_args):
+        engine_args += ["--kv-transfer-config", json.dumps(KV_TRANSFER_CONFIG)]
     if any(arg.split("=", 1)[0] == "--threads" for arg in user_args) or engine == "vllm":
         threads = None
 

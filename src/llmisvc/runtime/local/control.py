@@ -299,6 +299,16 @@ class ControlServer:
             "message": ready.get("message", ""),
             "replicas_ready": sum(1 for r in replicas if r.ready and not r.draining),
             "replicas_desired": desired,
+            # One entry per pool (main/decode and prefill), so `get -o wide` shows both.
+            "pools": [
+                {
+                    "component": workload.component,
+                    "role": workload.role,
+                    "ready": sum(1 for r in service.replicas.get(workload.component, []) if r.ready and not r.draining),
+                    "desired": workload.replicas if not service.plan.stopped else 0,
+                }
+                for workload in service.plan.workloads
+            ],
             "generation": stored.generation if stored else generation,
             "age_s": time.time() - stored.created if stored else 0.0,
             "conditions": conditions,
