@@ -258,7 +258,8 @@ def test_gateway_refs_become_route_parents():
 def test_user_parent_refs_win_over_gateway_refs():
     route = {"http": {"spec": {"parentRefs": [{"name": "mine"}]}}}
     resolved = _resolve(minimal_service(router={"route": route, "gateway": {"refs": [{"name": "team-gw"}]}}))
-    assert resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"] == [{"name": "mine"}]
+    assert resolved.spec["router"]["route"]["http"]["spec"]["parentRefs"] == [
+        {"name": "mine", "group": "gateway.networking.k8s.io", "kind": "Gateway"}]
 
 
 def test_default_gateway_without_refs():
@@ -352,3 +353,40 @@ def test_kubernetes_fields_kept_through_resolve():
     assert resolved.obj["metadata"]["annotations"] == {"llmisvc.io/engine": "vllm"}
     assert resolved.namespace == "llm"
     assert resolved.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_crd_defaults_filled_in():
+    service = minimal_service(
+        scaling={"maxReplicas": 3, "wva": {"hpa": {}}},
+        template={"containers": [{"name": "main", "ports": [{"containerPort": 9000}]}]},
+        router={"route": {}, "scheduler": {"pool": {"spec": {
+            "selector": {"matchLabels": {"app": "x"}}, "targetPorts": [{"number": 8000}],
+            "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}}}},
+    )
+    spec = _resolve(service).spec
+    assert spec["scaling"]["minReplicas"] == 1
+    assert spec["scaling"]["wva"]["variantCost"] == "10.0"
+    assert spec["template"]["containers"][0]["ports"][-1] == {"containerPort": 9000, "protocol": "TCP"}
+    pool = spec["router"]["scheduler"]["pool"]["spec"]
+    assert pool["appProtocol"] == "http"
+    assert pool["endpointPickerRef"]["failureMode"] == "FailClose"
+    assert pool["endpointPickerRef"]["kind"] == "Service"
+
+
+def test_route_rules_default_when_absent():
+    preset = load_documents(dump({
+        "apiVersion": "serving.kserve.io/v1alpha2", "kind": "LLMInferenceServiceConfig",
+        "metadata": {"name": "kserve-config-llm-router-route-service"},
+        "spec": {"router": {"route": {"http": {"spec": {"parentRefs": [{"name": "gw"}]}}}}},
+    }))[0]
+    (resource,) = load_documents(dump(minimal_service(router={"route": {}})))
+    resolved = resolve(resource, {preset.name: preset})
+    assert resolved.spec["router"]["route"]["http"]["spec"]["rules"] == [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]
+
+
+def test_defaults_not_added_to_absent_parents():
+    spec = _resolve(minimal_service()).spec
+    assert "scaling" not in spec
+    assert "router" not in spec
+    assert "kvCacheOffloading" not in spec

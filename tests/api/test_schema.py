@@ -136,3 +136,31 @@ def test_every_array_and_map_has_element_node():
             assert node.item is not None, path
         if node.kind == MAP:
             assert node.value is not None, path
+
+
+CONSTRAINTS = (("pattern", "pattern", ""), ("minLength", "min_length", None), ("maxLength", "max_length", None),
+               ("minItems", "min_items", None), ("maxItems", "max_items", None))
+
+
+@pytest.mark.parametrize("kind,version", CASES)
+def test_string_and_list_constraints_equal_crd(crds, kind, version):
+    ours, theirs = _ours(kind, version), crds[(kind, version)]
+    mismatched = []
+    for path, node in ours.items():
+        crd = theirs.get(path, {})
+        for crd_key, attribute, empty in CONSTRAINTS:
+            expected, actual = crd.get(crd_key, empty), getattr(node, attribute)
+            if expected != actual:
+                mismatched.append((path, crd_key, expected, actual))
+    assert mismatched == []
+
+
+@pytest.mark.parametrize("kind,version", CASES)
+def test_defaults_equal_crd(crds, kind, version):
+    ours, theirs = _ours(kind, version), crds[(kind, version)]
+    mismatched = []
+    for path, node in ours.items():
+        crd = theirs.get(path, {})
+        if ("default" in crd) != node.has_default or crd.get("default") != (node.default if node.has_default else None):
+            mismatched.append((path, crd.get("default"), node.default))
+    assert mismatched == []

@@ -38,7 +38,7 @@ ObjectMeta = obj(
 
 # --- references and selectors -------------------------------------------------------------
 
-LocalObjectReference = obj("LocalObjectReference", name=Str.doc("Name of the referent."))
+LocalObjectReference = obj("LocalObjectReference", name=Str.defaulting("").doc("Name of the referent."))
 KeyToPath = obj("KeyToPath", required=("key", "path"), key=Str, mode=Int, path=Str)
 LabelSelectorRequirement = obj(
     "LabelSelectorRequirement", required=("key", "operator"), key=Str, operator=Str, values=Strs,
@@ -100,14 +100,14 @@ Affinity = obj(
 
 EnvVarSource = obj(
     "EnvVarSource",
-    configMapKeyRef=obj("ConfigMapKeySelector", required=("key",), key=Str, name=Str, optional=Bool),
+    configMapKeyRef=obj("ConfigMapKeySelector", required=("key",), key=Str, name=Str.defaulting(""), optional=Bool),
     fieldRef=ObjectFieldSelector,
     fileKeyRef=obj(
         "FileKeySelector", required=("key", "path", "volumeName"),
-        key=Str, optional=Bool, path=Str, volumeName=Str,
+        key=Str, optional=Bool.defaulting(False), path=Str, volumeName=Str,
     ),
     resourceFieldRef=ResourceFieldSelector,
-    secretKeyRef=obj("SecretKeySelector", required=("key",), key=Str, name=Str, optional=Bool),
+    secretKeyRef=obj("SecretKeySelector", required=("key",), key=Str, name=Str.defaulting(""), optional=Bool),
 )
 EnvVar = obj(
     "EnvVar",
@@ -118,9 +118,9 @@ EnvVar = obj(
 )
 EnvFromSource = obj(
     "EnvFromSource",
-    configMapRef=obj("ConfigMapEnvSource", name=Str, optional=Bool),
+    configMapRef=obj("ConfigMapEnvSource", name=Str.defaulting(""), optional=Bool),
     prefix=Str,
-    secretRef=obj("SecretEnvSource", name=Str, optional=Bool),
+    secretRef=obj("SecretEnvSource", name=Str.defaulting(""), optional=Bool),
 )
 HTTPHeader = obj("HTTPHeader", required=("name", "value"), name=Str, value=Str)
 ExecAction = obj("ExecAction", command=Strs)
@@ -134,7 +134,7 @@ Probe = obj(
     "Health check; path, port and timings are honoured locally.",
     exec=ExecAction,
     failureThreshold=Int,
-    grpc=obj("GRPCAction", required=("port",), port=Int, service=Str),
+    grpc=obj("GRPCAction", required=("port",), port=Int, service=Str.defaulting("")),
     httpGet=HTTPGetAction,
     initialDelaySeconds=Int,
     periodSeconds=Int,
@@ -186,7 +186,7 @@ ContainerPort = obj(
     hostIP=Str,
     hostPort=Int.bounded(1, 65535),
     name=Str,
-    protocol=Str.doc("TCP (default), UDP or SCTP."),
+    protocol=Str.defaulting("TCP").doc("TCP (default), UDP or SCTP."),
 )
 VolumeMount = obj(
     "VolumeMount",
@@ -274,14 +274,14 @@ VolumeProjection = obj(
         "ClusterTrustBundleProjection", required=("path",),
         labelSelector=LabelSelector, name=Str, optional=Bool, path=Str, signerName=Str,
     ),
-    configMap=obj("ConfigMapProjection", items=array(KeyToPath), name=Str, optional=Bool),
+    configMap=obj("ConfigMapProjection", items=array(KeyToPath), name=Str.defaulting(""), optional=Bool),
     downwardAPI=obj("DownwardAPIProjection", items=array(DownwardAPIVolumeFile)),
     podCertificate=obj(
         "PodCertificateProjection", required=("keyType", "signerName"),
         certificateChainPath=Str, credentialBundlePath=Str, keyPath=Str, keyType=Str,
         maxExpirationSeconds=Int, signerName=Str,
     ),
-    secret=obj("SecretProjection", items=array(KeyToPath), name=Str, optional=Bool),
+    secret=obj("SecretProjection", items=array(KeyToPath), name=Str.defaulting(""), optional=Bool),
     serviceAccountToken=obj(
         "ServiceAccountTokenProjection", required=("path",), audience=Str, expirationSeconds=Int64, path=Str,
     ),
@@ -296,7 +296,8 @@ Volume = obj(
     ),
     azureDisk=obj(
         "AzureDiskVolumeSource", required=("diskName", "diskURI"),
-        cachingMode=Str, diskName=Str, diskURI=Str, fsType=Str, kind=Str, readOnly=Bool,
+        cachingMode=Str, diskName=Str, diskURI=Str, fsType=Str.defaulting("ext4"), kind=Str,
+        readOnly=Bool.defaulting(False),
     ),
     azureFile=obj(
         "AzureFileVolumeSource", required=("secretName", "shareName"), readOnly=Bool, secretName=Str, shareName=Str,
@@ -309,7 +310,7 @@ Volume = obj(
         "CinderVolumeSource", required=("volumeID",), fsType=Str, readOnly=Bool, secretRef=SecretRef, volumeID=Str,
     ),
     configMap=obj(
-        "ConfigMapVolumeSource", defaultMode=Int, items=array(KeyToPath), name=Str, optional=Bool,
+        "ConfigMapVolumeSource", defaultMode=Int, items=array(KeyToPath), name=Str.defaulting(""), optional=Bool,
     ),
     csi=obj(
         "CSIVolumeSource", required=("driver",),
@@ -341,7 +342,8 @@ Volume = obj(
     iscsi=obj(
         "ISCSIVolumeSource", required=("iqn", "lun", "targetPortal"),
         chapAuthDiscovery=Bool, chapAuthSession=Bool, fsType=Str, initiatorName=Str, iqn=Str,
-        iscsiInterface=Str, lun=Int, portals=Strs, readOnly=Bool, secretRef=SecretRef, targetPortal=Str,
+        iscsiInterface=Str.defaulting("default"), lun=Int, portals=Strs, readOnly=Bool, secretRef=SecretRef,
+        targetPortal=Str,
     ),
     name=Str.doc("Volume name; merge key for volumes."),
     nfs=obj("NFSVolumeSource", required=("path", "server"), path=Str, readOnly=Bool, server=Str),
@@ -357,12 +359,13 @@ Volume = obj(
     ),
     rbd=obj(
         "RBDVolumeSource", required=("image", "monitors"),
-        fsType=Str, image=Str, keyring=Str, monitors=Strs, pool=Str, readOnly=Bool, secretRef=SecretRef, user=Str,
+        fsType=Str, image=Str, keyring=Str.defaulting("/etc/ceph/keyring"), monitors=Strs, pool=Str.defaulting("rbd"),
+        readOnly=Bool, secretRef=SecretRef, user=Str.defaulting("admin"),
     ),
     scaleIO=obj(
         "ScaleIOVolumeSource", required=("gateway", "secretRef", "system"),
-        fsType=Str, gateway=Str, protectionDomain=Str, readOnly=Bool, secretRef=SecretRef, sslEnabled=Bool,
-        storageMode=Str, storagePool=Str, system=Str, volumeName=Str,
+        fsType=Str.defaulting("xfs"), gateway=Str, protectionDomain=Str, readOnly=Bool, secretRef=SecretRef,
+        sslEnabled=Bool, storageMode=Str.defaulting("ThinProvisioned"), storagePool=Str, system=Str, volumeName=Str,
     ),
     secret=obj("SecretVolumeSource", defaultMode=Int, items=array(KeyToPath), optional=Bool, secretName=Str),
     storageos=obj(
@@ -475,51 +478,93 @@ HorizontalPodAutoscalerBehavior = obj(
 
 # --- Gateway API v1 -----------------------------------------------------------------------
 
+# Name and value formats of Kubernetes and Gateway API fields, as their OpenAPI schemas state them.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+API_GROUP = r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+KIND = r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"
+HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+\-.^_\x60|~]+$"
+DURATION = r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"
+WILDCARD_HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+CORS_ORIGIN = r"(^\*$)|(^(http(s)?):\/\/(((\*\.)?([a-zA-Z0-9\-]+\.)*[a-zA-Z0-9-]+|\*)(:([0-9]{1,5}))?)$)"
+URI_PATH = r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|[%][0-9a-fA-F]{2})+$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+GroupName = Str.matching(API_GROUP).length(None, 253)
+KindName = Str.matching(KIND).length(1, 63)
+ObjectName = Str.length(1, 253)
+NamespaceName = Str.matching(DNS_LABEL).length(1, 63)
+SectionName = Str.matching(DNS_SUBDOMAIN).length(1, 253)
+HeaderName = Str.matching(HEADER_NAME).length(1, 256)
+HeaderNames = array(HeaderName).sized(None, 64)
+Duration = Str.matching(DURATION).doc("Duration such as 10s, 1m or 500ms (Gateway API format).")
 PortNumber = Int.bounded(1, 65535)
 HTTPMethods = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+
 ParentReference = obj(
     "ParentReference",
     required=("name",),
-    group=Str, kind=Str, name=Str, namespace=Str, port=PortNumber, sectionName=Str,
+    group=GroupName.defaulting("gateway.networking.k8s.io"),
+    kind=KindName.defaulting("Gateway"),
+    name=ObjectName,
+    namespace=NamespaceName,
+    port=PortNumber,
+    sectionName=SectionName,
 )
 BackendObjectReference = obj(
     "BackendObjectReference",
     required=("name",),
-    group=Str, kind=Str, name=Str, namespace=Str, port=PortNumber,
+    group=GroupName.defaulting(""),
+    kind=KindName.defaulting("Service"),
+    name=ObjectName,
+    namespace=NamespaceName,
+    port=PortNumber,
 )
-HTTPHeaderPair = obj("HTTPHeader", required=("name", "value"), name=Str, value=Str)
+HTTPHeaderPair = obj(
+    "HTTPHeader", required=("name", "value"), name=HeaderName, value=Str.length(1, 4096),
+)
 HTTPHeaderFilter = obj(
-    "HTTPHeaderFilter", add=array(HTTPHeaderPair), remove=Strs, set=array(HTTPHeaderPair),
+    "HTTPHeaderFilter",
+    add=array(HTTPHeaderPair).sized(None, 16),
+    remove=Strs.sized(None, 16),
+    set=array(HTTPHeaderPair).sized(None, 16),
 )
 HTTPPathModifier = obj(
     "HTTPPathModifier",
     required=("type",),
-    replaceFullPath=Str,
-    replacePrefixMatch=Str,
+    replaceFullPath=Str.length(None, 1024),
+    replacePrefixMatch=Str.length(None, 1024),
     type=Str.one_of("ReplaceFullPath", "ReplacePrefixMatch"),
 )
+PreciseHostname = Str.matching(DNS_SUBDOMAIN).length(1, 253)
 HTTPRouteFilter = obj(
     "HTTPRouteFilter",
     required=("type",),
     cors=obj(
         "HTTPCORSFilter",
         allowCredentials=Bool,
-        allowHeaders=Strs,
-        allowMethods=array(Str.one_of(*HTTPMethods, "*")),
-        allowOrigins=Strs,
-        exposeHeaders=Strs,
-        maxAge=Int.bounded(1),
+        allowHeaders=HeaderNames,
+        allowMethods=array(Str.one_of(*HTTPMethods, "*")).sized(None, 9),
+        allowOrigins=array(Str.matching(CORS_ORIGIN).length(1, 253)).sized(None, 64),
+        exposeHeaders=HeaderNames,
+        maxAge=Int.bounded(1).defaulting(5),
     ),
     extensionRef=obj(
-        "LocalObjectReference", required=("group", "kind", "name"), group=Str, kind=Str, name=Str,
+        "LocalObjectReference", required=("group", "kind", "name"),
+        group=GroupName, kind=KindName, name=ObjectName,
     ),
     externalAuth=obj(
         "HTTPExternalAuthFilter",
         required=("backendRef", "protocol"),
         backendRef=BackendObjectReference,
         forwardBody=obj("ForwardBodyConfig", maxSize=Int),
-        grpc=obj("GRPCAuthConfig", allowedHeaders=Strs),
-        http=obj("HTTPAuthConfig", allowedHeaders=Strs, allowedResponseHeaders=Strs, path=Str),
+        grpc=obj("GRPCAuthConfig", allowedHeaders=Strs.sized(None, 64)),
+        http=obj(
+            "HTTPAuthConfig",
+            allowedHeaders=Strs.sized(None, 64),
+            allowedResponseHeaders=Strs.sized(None, 64),
+            path=Str.matching(URI_PATH).length(None, 1024),
+        ),
         protocol=Str.one_of("HTTP", "GRPC"),
     ),
     requestHeaderModifier=HTTPHeaderFilter,
@@ -528,68 +573,79 @@ HTTPRouteFilter = obj(
         required=("backendRef",),
         backendRef=BackendObjectReference,
         fraction=obj(
-            "Fraction", required=("numerator",), denominator=Int.bounded(1), numerator=Int.bounded(0),
+            "Fraction", required=("numerator",),
+            denominator=Int.bounded(1).defaulting(100), numerator=Int.bounded(0),
         ),
         percent=Int.bounded(0, 100),
     ),
     requestRedirect=obj(
         "HTTPRequestRedirectFilter",
-        hostname=Str,
+        hostname=PreciseHostname,
         path=HTTPPathModifier,
         port=PortNumber,
         scheme=Str.one_of("http", "https"),
-        statusCode=Int.one_of(301, 302, 303, 307, 308),
+        statusCode=Int.one_of(301, 302, 303, 307, 308).defaulting(302),
     ),
     responseHeaderModifier=HTTPHeaderFilter,
     type=Str.one_of(
         "RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror", "RequestRedirect",
         "URLRewrite", "ExtensionRef", "CORS",
     ),
-    urlRewrite=obj("HTTPURLRewriteFilter", hostname=Str, path=HTTPPathModifier),
+    urlRewrite=obj("HTTPURLRewriteFilter", hostname=PreciseHostname, path=HTTPPathModifier),
 )
-HTTPMatchPair = obj(
-    "HTTPHeaderMatch",
-    required=("name", "value"),
-    name=Str,
-    type=Str.one_of("Exact", "RegularExpression"),
-    value=Str,
-)
+HTTPRouteFilters = array(HTTPRouteFilter).sized(None, 16)
+MatchType = Str.one_of("Exact", "RegularExpression").defaulting("Exact")
+DEFAULT_PATH_MATCH = {"type": "PathPrefix", "value": "/"}
 HTTPRouteRule = obj(
     "HTTPRouteRule",
     backendRefs=array(obj(
         "HTTPBackendRef",
         required=("name",),
-        filters=array(HTTPRouteFilter),
-        group=Str, kind=Str, name=Str, namespace=Str, port=PortNumber,
-        weight=Int.bounded(0, 1000000),
-    )),
-    filters=array(HTTPRouteFilter),
+        filters=HTTPRouteFilters,
+        group=GroupName.defaulting(""),
+        kind=KindName.defaulting("Service"),
+        name=ObjectName,
+        namespace=NamespaceName,
+        port=PortNumber,
+        weight=Int.bounded(0, 1000000).defaulting(1),
+    )).sized(None, 16),
+    filters=HTTPRouteFilters,
     matches=array(obj(
         "HTTPRouteMatch",
-        headers=array(HTTPMatchPair),
+        headers=array(obj(
+            "HTTPHeaderMatch", required=("name", "value"),
+            name=HeaderName, type=MatchType, value=Str.length(1, 4096),
+        )).sized(None, 16),
         method=Str.one_of(*HTTPMethods),
-        path=obj("HTTPPathMatch", type=Str.one_of("Exact", "PathPrefix", "RegularExpression"), value=Str),
-        queryParams=array(HTTPMatchPair.named("HTTPQueryParamMatch")),
-    )),
-    name=Str,
-    retry=obj("HTTPRouteRetry", attempts=Int, backoff=Str, codes=array(Int.bounded(400, 599))),
+        path=obj(
+            "HTTPPathMatch",
+            type=Str.one_of("Exact", "PathPrefix", "RegularExpression").defaulting("PathPrefix"),
+            value=Str.length(None, 1024).defaulting("/"),
+        ).defaulting(dict(DEFAULT_PATH_MATCH)),
+        queryParams=array(obj(
+            "HTTPQueryParamMatch", required=("name", "value"),
+            name=HeaderName, type=MatchType, value=Str.length(1, 1024),
+        )).sized(None, 16),
+    )).sized(None, 64).defaulting([{"path": dict(DEFAULT_PATH_MATCH)}]),
+    name=Str.matching(DNS_SUBDOMAIN).length(1, 253),
+    retry=obj("HTTPRouteRetry", attempts=Int, backoff=Duration, codes=array(Int.bounded(400, 599))),
     sessionPersistence=obj(
         "SessionPersistence",
-        absoluteTimeout=Str,
-        cookieConfig=obj("CookieConfig", lifetimeType=Str.one_of("Permanent", "Session")),
-        idleTimeout=Str,
-        sessionName=Str,
-        type=Str.one_of("Cookie", "Header"),
+        absoluteTimeout=Duration,
+        cookieConfig=obj("CookieConfig", lifetimeType=Str.one_of("Permanent", "Session").defaulting("Session")),
+        idleTimeout=Duration,
+        sessionName=Str.length(None, 128),
+        type=Str.one_of("Cookie", "Header").defaulting("Cookie"),
     ),
-    timeouts=obj("HTTPRouteTimeouts", backendRequest=Str, request=Str),
+    timeouts=obj("HTTPRouteTimeouts", backendRequest=Duration, request=Duration),
 )
 HTTPRouteSpec = obj(
     "HTTPRouteSpec",
     "A Gateway API HTTPRoute spec managed for the service (Kubernetes); locally the "
     "llmisvc gateway serves the route itself.",
-    hostnames=Strs,
-    parentRefs=array(ParentReference),
-    rules=array(HTTPRouteRule),
+    hostnames=array(Str.matching(WILDCARD_HOSTNAME).length(1, 253)).sized(None, 16),
+    parentRefs=array(ParentReference).sized(None, 32),
+    rules=array(HTTPRouteRule).sized(1, 16).defaulting([{"matches": [{"path": dict(DEFAULT_PATH_MATCH)}]}]),
     useDefaultGateways=Str.one_of("All", "None"),
 )
 
@@ -599,18 +655,21 @@ InferencePoolSpecV1 = obj(
     "InferencePoolSpec",
     "An inference.networking.k8s.io/v1 InferencePool spec.",
     required=("endpointPickerRef", "selector", "targetPorts"),
-    appProtocol=Str.one_of("http", "kubernetes.io/h2c"),
+    appProtocol=Str.one_of("http", "kubernetes.io/h2c").defaulting("http"),
     endpointPickerRef=obj(
         "EndpointPickerRef",
         required=("name",),
-        failureMode=Str.one_of("FailOpen", "FailClose"),
-        group=Str,
-        kind=Str,
-        name=Str,
+        failureMode=Str.one_of("FailOpen", "FailClose").defaulting("FailClose"),
+        group=GroupName.length(0, 253).defaulting(""),
+        kind=KindName.defaulting("Service"),
+        name=ObjectName,
         port=obj("Port", required=("number",), number=PortNumber),
     ),
-    selector=obj("LabelSelector", required=("matchLabels",), matchLabels=Labels),
-    targetPorts=array(obj("Port", required=("number",), number=PortNumber)),
+    selector=obj(
+        "LabelSelector", required=("matchLabels",),
+        matchLabels=string_map(Str.matching(LABEL_VALUE).length(0, 63)),
+    ),
+    targetPorts=array(obj("Port", required=("number",), number=PortNumber)).sized(1, 8),
 )
 InferencePoolSpecV1Alpha2 = obj(
     "InferencePoolSpec",
@@ -620,11 +679,11 @@ InferencePoolSpecV1Alpha2 = obj(
         "Extension",
         required=("failureMode", "name"),
         failureMode=Str.one_of("FailOpen", "FailClose"),
-        group=Str,
-        kind=Str,
-        name=Str,
+        group=GroupName,
+        kind=KindName,
+        name=ObjectName,
         portNumber=PortNumber,
     ),
-    selector=Labels,
+    selector=string_map(Str.length(0, 63)),
     targetPortNumber=Int,
 )

@@ -2,9 +2,9 @@
 
 `resolve` merges the presets chosen by the spec's shape, then the service's `baseRefs` in
 order, then the service's own spec. It then renders template actions, defaults
-`model.name` and moves a scheduler EndpointPickerConfig passed as container args into
-`config.inline`. Last it validates the result again, because a merge can produce
-combinations that no single layer had.
+`model.name`, moves a scheduler EndpointPickerConfig passed as container args into
+`config.inline` and fills in the CRD's defaults for absent fields. Last it validates the
+result again, because a merge can produce combinations that no single layer had.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import logging
 from dataclasses import dataclass, field
 
 from llmisvc.api import presets as preset_data
+from llmisvc.api.defaults import apply_defaults
 from llmisvc.api.errors import FieldError, SpecError
 from llmisvc.api.load import DEFAULT_NAMESPACE, Resource
 from llmisvc.api.merge import merge_layers
 from llmisvc.api.scheduler_config import move_config_text_to_inline
 from llmisvc.api.status import stop_requested
 from llmisvc.api.templates import TemplateContext, render_object
-from llmisvc.api.types import CONFIG_KIND, SERVICE_KIND, resource_schema
+from llmisvc.api.types import CONFIG_KIND, SERVICE_KIND, resource_schema, spec_schema
 from llmisvc.api.validate import validate_document
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def resolve(
     context = TemplateContext(document, {**DEFAULT_GLOBAL_CONFIG, **(global_config or {})})
     document["spec"] = render_object(spec, context, "spec")
     config_file = move_config_text_to_inline(document["spec"])
+    apply_defaults(document["spec"], spec_schema(service.version))
 
     document, errors = validate_document(document, resource_schema(SERVICE_KIND, service.version))
     # The resolved checks explain merge-specific problems better, so they replace a plain

@@ -9,8 +9,9 @@ map and the set of required field names.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 # Node kinds. "int-or-string" is Kubernetes' IntOrString and resource.Quantity; "any" is a
 # value of any JSON type (x-kubernetes-preserve-unknown-fields without a type).
@@ -26,15 +27,28 @@ MAP = "map"
 SCALAR_KINDS = (STRING, INTEGER, NUMBER, BOOLEAN, INT_OR_STRING, ANY)
 
 
+class _NoDefault:
+    """Marker for a node without a default value (None is a valid default)."""
+
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT = _NoDefault()
+
+
 @dataclass(frozen=True)
 class Node:
     """One schema node.
 
-    `fields` (objects) maps field names to nodes in document order; `required` names the
-    fields an object must have; `item` is an array's element node; `value` is a map's value
+    `fields` (objects) maps field names to nodes in document order, and `required` names the
+    fields an object must have. `item` is an array's element node and `value` a map's value
     node. `open_fields` marks an object that also accepts fields outside `fields` (free-form
     configuration such as an inline EndpointPickerConfig). `type_name` names a Kubernetes
-    type (`Container`, `Probe`) for documentation.
+    type (`Container`, `Probe`) for documentation. `pattern` (a regular expression),
+    `min_length`/`max_length` (characters) and `min_items`/`max_items` constrain strings and
+    arrays as the OpenAPI keywords of the same names do. `default` is the value the API
+    server fills in for an absent field whose parent object is present.
     """
 
     kind: str
@@ -49,6 +63,33 @@ class Node:
     maximum: int | float | None = None
     format: str = ""
     open_fields: bool = False
+    pattern: str = ""
+    min_length: int | None = None
+    max_length: int | None = None
+    min_items: int | None = None
+    max_items: int | None = None
+    default: object = NO_DEFAULT
+
+    @property
+    def has_default(self) -> bool:
+        """Return True when the node declares a default value."""
+        return self.default is not NO_DEFAULT
+
+    def defaulting(self, value: object) -> "Node":
+        """Return a copy of this node whose absent value defaults to `value`."""
+        return dataclasses.replace(self, default=value)
+
+    def matching(self, pattern: str) -> "Node":
+        """Return a copy of this string node that must match the regular expression `pattern`."""
+        return dataclasses.replace(self, pattern=pattern)
+
+    def length(self, minimum: int | None = None, maximum: int | None = None) -> "Node":
+        """Return a copy of this string node with inclusive length bounds in characters."""
+        return dataclasses.replace(self, min_length=minimum, max_length=maximum)
+
+    def sized(self, minimum: int | None = None, maximum: int | None = None) -> "Node":
+        """Return a copy of this array node with inclusive bounds on its number of items."""
+        return dataclasses.replace(self, min_items=minimum, max_items=maximum)
 
     def doc(self, description: str) -> "Node":
         """Return a copy of this node with `description` as its documentation."""
@@ -124,7 +165,12 @@ Int64 = scalar(INTEGER, format="int64")
 Num = scalar(NUMBER)
 Bool = scalar(BOOLEAN)
 IntOrStr = scalar(INT_OR_STRING)
-Quantity = scalar(INT_OR_STRING, type_name="Quantity")
+# Kubernetes' resource.Quantity string format ("500m", "4Gi", "1e3"), as its OpenAPI schema states it.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = scalar(INT_OR_STRING, type_name="Quantity", pattern=QUANTITY_PATTERN)
 Any = scalar(ANY)
 Strs = array(Str)
 Labels = string_map(Str)
@@ -159,3 +205,26 @@ def lookup(node: Node, dotted: str) -> Node | None:
             return None
         current = current.fields[part]
     return current
+
+
+def _path_tokens(path: str) -> list[str]:
+    """Split a `walk` path into field names, "[]" and "{}" steps."""
+    return [token for token in re.split(r"\.|(\[\]|\{\})", path) if token]
+
+
+def replace_at(root: Node, path: str, change: Callable[[Node], Node]) -> Node:
+    """Return a copy of `root` where the node at `path` (a `walk` path) is `change(node)`.
+
+    Raises KeyError when `path` names no node.
+    """
+    tokens = _path_tokens(path)
+    if not tokens:
+        return change(root)
+    head, rest = tokens[0], "".join(f".{t}" if t not in ("[]", "{}") else t for t in tokens[1:]).lstrip(".")
+    if head == "[]" and root.kind == ARRAY and root.item is not None:
+        return dataclasses.replace(root, item=replace_at(root.item, rest, change))
+    if head == "{}" and root.kind == MAP and root.value is not None:
+        return dataclasses.replace(root, value=replace_at(root.value, rest, change))
+    if root.kind == OBJECT and head in root.fields:
+        return dataclasses.replace(root, fields={**root.fields, head: replace_at(root.fields[head], rest, change)})
+    raise KeyError(f"no schema node at {path!r}")

@@ -10,13 +10,16 @@ fields as a service's spec.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from llmisvc.api.kube_types import (
-    HorizontalPodAutoscalerBehavior, HTTPRouteSpec, InferencePoolSpecV1, InferencePoolSpecV1Alpha2,
-    LocalObjectReference, ObjectMeta, PersistentVolumeClaimSpec, PodSpec,
+    API_GROUP, DNS_LABEL, DNS_SUBDOMAIN, GroupName, HorizontalPodAutoscalerBehavior, HTTPRouteSpec,
+    InferencePoolSpecV1, InferencePoolSpecV1Alpha2, KindName, LocalObjectReference, NamespaceName, ObjectMeta,
+    ObjectName, PersistentVolumeClaimSpec, PodSpec, SectionName,
 )
 from llmisvc.api.schema import (
+    replace_at,
     Any, Bool, Int, Int64, Labels, Node, Quantity, Str, Strs, array, obj,
 )
 
@@ -41,7 +44,7 @@ Scaling = obj(
     "Autoscaling bounds; mutually exclusive with `replicas`. Refused in local mode.",
     required=("maxReplicas",),
     maxReplicas=Int.bounded(1),
-    minReplicas=Int.bounded(1),
+    minReplicas=Int.bounded(1).defaulting(1),
     wva=obj(
         "WVASpec",
         "Workload Variant Autoscaler settings.",
@@ -66,7 +69,9 @@ Scaling = obj(
             fallback=obj(
                 "Fallback",
                 required=("failureThreshold", "replicas"),
-                behavior=Str.one_of("static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"),
+                behavior=Str.one_of(
+                    "static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower",
+                ).defaulting("static"),
                 failureThreshold=Int,
                 replicas=Int,
             ),
@@ -74,7 +79,7 @@ Scaling = obj(
             initialCooldownPeriod=Int.bounded(0),
             pollingInterval=Int.bounded(1),
         ),
-        variantCost=Str,
+        variantCost=Str.matching(r"^\d+(\.\d+)?$").defaulting("10.0"),
     ),
 )
 KVCacheOffloading = obj(
@@ -82,7 +87,7 @@ KVCacheOffloading = obj(
     "KV-cache offloading to CPU memory and secondary storage. Refused in local mode.",
     required=("cpu",),
     cpu=Quantity.doc("CPU memory for offloaded KV blocks."),
-    evictionPolicy=Str.one_of("lru", "arc"),
+    evictionPolicy=Str.one_of("lru", "arc").defaulting("lru"),
     secondary=array(obj(
         "SecondaryTier",
         fileSystem=obj(
@@ -131,20 +136,22 @@ def _model(version: str) -> Node:
 
 def _router(version: str) -> Node:
     pool_spec = InferencePoolSpecV1 if version == "v1alpha2" else InferencePoolSpecV1Alpha2
-    refs = array(obj("UntypedObjectReference", name=Str, namespace=Str))
+    refs = array(obj("UntypedObjectReference", name=ObjectName, namespace=NamespaceName))
     return obj(
         "RouterSpec",
         "How requests reach the workloads: route, gateway and scheduler.",
         gateway=obj(
             "GatewaySpec",
             "The Gateway the route attaches to; `{}` means the platform's default gateway.",
-            refs=array(obj("UntypedObjectReference", name=Str, namespace=Str, sectionName=Str)),
+            refs=array(obj(
+                "UntypedObjectReference", name=ObjectName, namespace=NamespaceName, sectionName=SectionName,
+            )),
         ),
         ingress=obj("IngressSpec", "Ingress objects to use instead of a Gateway (Kubernetes).", refs=refs),
         route=obj(
             "GatewayRoutesSpec",
             "The HTTP route to the service; `{}` means a managed route.",
-            group=Str,
+            group=Str.matching(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$").length(1, 63),
             http=obj(
                 "HTTPRouteSpecRef",
                 refs=array(LocalObjectReference).doc("Existing HTTPRoutes to use (mutually exclusive with spec)."),
@@ -160,7 +167,7 @@ def _router(version: str) -> Node:
                 "SchedulerConfigSpec",
                 "EndpointPickerConfig for the scheduler, inline or from a ConfigMap.",
                 inline=obj("EndpointPickerConfig", "Inline EndpointPickerConfig.", open_fields=True),
-                ref=obj("ConfigMapKeySelector", required=("key",), key=Str, name=Str, optional=Bool),
+                ref=obj("ConfigMapKeySelector", required=("key",), key=Str, name=Str.defaulting(""), optional=Bool),
             ),
             labels=Labels,
             pool=obj(
@@ -202,7 +209,7 @@ def spec_schema(version: str) -> Node:
     fields = dict(
         **_workload_fields(version),
         baseRefs=array(
-            obj("LocalObjectReference", name=Str),
+            obj("LocalObjectReference", name=Str.defaulting("")),
             "LLMInferenceServiceConfig objects merged under this spec, in order.",
         ),
         model=_model(version),
@@ -239,10 +246,13 @@ def _status_schema(version: str, kind: str) -> Node:
     )
     if kind == CONFIG_KIND:
         if version == "v1alpha2":
-            common["referencedBy"] = array(obj("Reference", name=Str, namespace=Str))
+            common["referencedBy"] = array(obj("Reference", name=ObjectName, namespace=NamespaceName))
         return obj("LLMInferenceServiceConfigStatus", fields=common)
 
-    typed_ref = obj("ObjectReference", required=("group", "kind", "name"), group=Str, kind=Str, name=Str, namespace=Str)
+    typed_ref = obj(
+        "ObjectReference", required=("group", "kind", "name"),
+        group=GroupName, kind=KindName, name=ObjectName, namespace=NamespaceName,
+    )
     addressable = dict(CACerts=Str, audience=Str, name=Str, url=Str)
     address = dict(addressable)
     if version == "v1alpha2":
@@ -254,12 +264,12 @@ def _status_schema(version: str, kind: str) -> Node:
         gateways=array(obj(
             "GatewayStatus",
             required=("group", "kind", "name"),
-            group=Str,
+            group=GroupName,
             httpRoutes=array(typed_ref),
-            kind=Str,
-            listeners=Strs,
-            name=Str,
-            namespace=Str,
+            kind=KindName,
+            listeners=array(SectionName),
+            name=ObjectName,
+            namespace=NamespaceName,
         )),
         scheduler=obj("SchedulerStatus", inferencePool=typed_ref, service=typed_ref),
     )
@@ -278,7 +288,8 @@ def _status_schema(version: str, kind: str) -> Node:
                 required=("name", "weight"),
                 backendRef=obj(
                     "BackendRef", required=("name",),
-                    group=Str, kind=Str, name=Str, namespace=Str, port=Int.bounded(1, 65535),
+                    group=GroupName.defaulting(""), kind=KindName.defaulting("Service"), name=ObjectName,
+                    namespace=NamespaceName, port=Int.bounded(1, 65535),
                 ),
                 name=Str,
                 stopped=Bool,
@@ -290,7 +301,7 @@ def _status_schema(version: str, kind: str) -> Node:
                        readyReplicas=Int)
         fields["appliedConfigs"] = array(obj(
             "AppliedConfig", required=("name", "namespace", "source"),
-            name=Str, namespace=Str, source=Str.one_of("Preset", "UserRef"),
+            name=ObjectName, namespace=NamespaceName, source=Str.one_of("Preset", "UserRef"),
         ))
         fields["workloads"] = obj(
             "WorkloadsStatus",
@@ -302,6 +313,33 @@ def _status_schema(version: str, kind: str) -> Node:
     fields["router"] = obj("RouterStatus", fields=dict(sorted(router.items())))
     return obj("LLMInferenceServiceStatus", "Observed state, written by the controller.",
                fields=dict(sorted(fields.items())))
+
+
+# Constraints that KServe v0.20's LLMInferenceServiceConfig CRD leaves out although the
+# service CRD states them. Presets rely on this: they put template actions such as
+# `{{ .GlobalConfig.GatewayNamespace }}` in such fields, and the rules apply again to the
+# rendered, merged service.
+CONFIG_UNCONSTRAINED: dict[str, dict[str, tuple[str, ...]]] = {
+    "v1alpha1": {
+        "router.route.http.spec.rules[].matches[].headers[].name": ("pattern",),
+    },
+    "v1alpha2": {
+        "router.route.http.spec.parentRefs[].namespace": ("pattern",),
+        "router.route.http.spec.rules[].matches[].headers[].name": ("pattern",),
+        "router.scheduler.pool.spec.selector.matchLabels{}": ("pattern", "min_length", "max_length"),
+    },
+}
+_UNSET = {"pattern": "", "min_length": None, "max_length": None}
+
+
+@functools.cache
+def config_spec_schema(version: str) -> Node:
+    """Return the spec tree of an LLMInferenceServiceConfig for API version `version`."""
+    spec = spec_schema(version)
+    for path, attributes in CONFIG_UNCONSTRAINED[version].items():
+        unset = {attribute: _UNSET[attribute] for attribute in attributes}
+        spec = replace_at(spec, path, lambda node, unset=unset: dataclasses.replace(node, **unset))
+    return spec
 
 
 @functools.cache
@@ -318,6 +356,6 @@ def resource_schema(kind: str, version: str) -> Node:
         apiVersion=Str.doc("serving.kserve.io/v1alpha1 or serving.kserve.io/v1alpha2."),
         kind=Str.doc(f"{SERVICE_KIND} or {CONFIG_KIND}."),
         metadata=ObjectMeta,
-        spec=spec_schema(version),
+        spec=config_spec_schema(version) if kind == CONFIG_KIND else spec_schema(version),
         status=_status_schema(version, kind),
     )

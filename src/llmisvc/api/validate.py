@@ -10,13 +10,13 @@ InferencePool `spec` and `ref` together or `scaling` beside `replicas`.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 from typing import Any as AnyValue
 
 from llmisvc.api import rules
 from llmisvc.api.errors import DOCUMENT, FieldError
-from llmisvc.api.quantity import parse_quantity
 from llmisvc.api.schema import (
     ANY, ARRAY, BOOLEAN, INT_OR_STRING, INTEGER, MAP, NUMBER, OBJECT, STRING, Node,
 )
@@ -88,12 +88,17 @@ def check_structure(value: AnyValue, node: Node, path: str, errors: list[FieldEr
     an absent field. Problems are reported with `path` as the prefix of their field paths.
     """
     if not _matches_type(node, value):
-        errors.append(FieldError(path, f"must be {_expected(node)}, got {type_of(value)}"))
+        if node.type_name == "Quantity" and isinstance(value, float):
+            reason = f"must be an integer or a quantity string such as \"500m\", got number {value}"
+        else:
+            reason = f"must be {_expected(node)}, got {type_of(value)}"
+        errors.append(FieldError(path, reason))
         return value
 
     if node.kind == OBJECT:
         return _check_object(value, node, path, errors)
     if node.kind == ARRAY:
+        _check_items(value, node, path, errors)
         return [check_structure(item, node.item, f"{path}[{i}]", errors) for i, item in enumerate(value)]
     if node.kind == MAP:
         cleaned = {}
@@ -153,12 +158,34 @@ def _check_scalar(value: AnyValue, node: Node, path: str, errors: list[FieldErro
             errors.append(FieldError(path, f"must be >= {node.minimum}, got {value}"))
         if node.maximum is not None and value > node.maximum:
             errors.append(FieldError(path, f"must be <= {node.maximum}, got {value}"))
-    if node.type_name == "Quantity":
-        try:
-            parse_quantity(value)
-        except ValueError:
+    if isinstance(value, str):
+        _check_string(value, node, path, errors)
+
+
+def _check_items(value: list, node: Node, path: str, errors: list[FieldError]) -> None:
+    if node.min_items is not None and len(value) < node.min_items:
+        errors.append(FieldError(path, f"must have at least {node.min_items} item(s), got {len(value)}"))
+    if node.max_items is not None and len(value) > node.max_items:
+        errors.append(FieldError(path, f"must have at most {node.max_items} items, got {len(value)}"))
+
+
+def _check_string(value: str, node: Node, path: str, errors: list[FieldError]) -> None:
+    if node.min_length is not None and len(value) < node.min_length:
+        reason = "must not be empty" if node.min_length == 1 else f"must be at least {node.min_length} characters"
+        errors.append(FieldError(path, reason))
+    if node.max_length is not None and len(value) > node.max_length:
+        errors.append(FieldError(path, f"must be at most {node.max_length} characters, got {len(value)}"))
+    if node.pattern and _compiled(node.pattern).search(value) is None:
+        if node.type_name == "Quantity":
             errors.append(FieldError(path, f"invalid quantity {value!r}: use a number with an optional "
                                            "suffix such as 500m, 2, 4Gi"))
+        else:
+            errors.append(FieldError(path, f"invalid value {value!r}: must match {node.pattern}"))
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
 
 
 def validate_document(doc: AnyValue, schema: Node) -> tuple[dict, list[FieldError]]:
