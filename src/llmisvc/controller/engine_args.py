@@ -22,8 +22,8 @@ ENGINE_KINDS = ("builtin", "sim", "vllm")
 # the flags it accepts.
 _ENGINE_MODULES = {"builtin": ("llmisvc.engine.cli", "engine"), "sim": ("llmisvc.sim.cli", "sim")}
 
-# Flags set by the runtime for every replica; the same flags in `args` are dropped with a
-# warning, because a Kubernetes container port or model path means nothing on one machine.
+# Flags set by the runtime for every replica. The same flags in `args` are dropped with a
+# warning, because a Kubernetes container's host and port do not apply on one machine.
 RUNTIME_FLAGS = frozenset({"--host", "--port"})
 
 # Flags generated from structured spec fields; repeating them in `args` is rejected

@@ -1,4 +1,4 @@
-"""What this machine offers to replicas: CPU cores, CUDA devices, installed engines."""
+"""Capacity of this machine for replicas: CPU cores, CUDA devices, installed engines."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Status of a service derived only from what the runtime observed, in the API's model.
 
-The runtime reports replica counts, crash loops and the gateway's state; this module
-turns them into the API's ObservedFacts and lets `llmisvc.api.status.build_status` build
-the KServe condition tree (`Ready` from `WorkloadsReady` and `RouterReady`).
+The runtime reports replica counts, crash loops and the gateway's state. This module turns
+them into the API's ObservedFacts, and `llmisvc.api.status.build_status` builds the KServe
+condition tree from them (`Ready` from `WorkloadsReady` and `RouterReady`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ AGGREGATED_REASON = "PrefillDecodeAggregated"
 
 @dataclass
 class ObservedWorkload:
-    """What the runtime sees of one workload."""
+    """Runtime observation of one workload."""
 
     component: str  # "main" or "prefill"
     desired: int
@@ -29,7 +29,7 @@ class ObservedWorkload:
 
 @dataclass
 class ObservedService:
-    """What the runtime sees of one service."""
+    """Runtime observation of one service."""
 
     workloads: list[ObservedWorkload]
     router_ready: bool

@@ -1,9 +1,9 @@
 """The one gateway process of this machine and the client of its admin API.
 
-The control process starts `llmisvc gateway` on the configured port (or adopts the one a
-previous control process left running), keeps it alive, and pushes every service's routing
-state to it through the admin API (`PUT/DELETE/GET /admin/services...`) authenticated with
-the token in `$LLMISVC_HOME/admin-token`.
+The control process starts `llmisvc gateway` on the configured port, or adopts the one a
+previous control process left running, and keeps it alive. It pushes every service's routing
+state through the admin API (`PUT/DELETE/GET /admin/services...`), authenticated with the
+token in `$LLMISVC_HOME/admin-token`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class GatewayProcess:
         return self._ref.pid if self._ref else None
 
     async def ensure_running(self) -> None:
-        """Adopt the recorded gateway when it is alive and answers, else start one."""
+        """Adopt the recorded gateway when it is alive and responds, else start one."""
         stored = self._store.get_setting("gateway")
         if stored and stored.get("pid") is None:
             stored = None
@@ -134,7 +134,7 @@ class GatewayProcess:
                 return
             await asyncio.sleep(0.2)
         await terminate(self._ref, self._popen, 5.0)
-        raise GatewayError(f"gateway did not answer on port {self.port} within {_START_TIMEOUT_S:.0f}s; see {self.home.gateway_log}")
+        raise GatewayError(f"gateway did not respond on port {self.port} within {_START_TIMEOUT_S:.0f}s; see {self.home.gateway_log}")
 
     async def _watch(self) -> None:
         while True:

@@ -1,8 +1,8 @@
 """Supervision of one replica process: start, probe, restart with backoff, stop.
 
 A Replica runs one asyncio task that keeps its engine process alive the way the kubelet
-keeps a container alive: readiness gates routing, liveness and a start-up deadline restart
-a hung process, a process over its memory limit is killed and reported as OOMKilled, and
+keeps a container alive. Readiness gates routing. Liveness and a start-up deadline restart
+a hung process. A process over its memory limit is killed and reported as OOMKilled, and
 restarts back off exponentially. Everything the task observes goes to the `on_change` and
 `on_event` callbacks of the owning service.
 """
@@ -52,7 +52,7 @@ CRASH_TAIL_LINES = 20
 
 @dataclass
 class ReplicaRecord:
-    """What the store keeps about a replica, enough to adopt it after a control restart."""
+    """Replica state kept in the store, enough to adopt the process after a control restart."""
 
     id: str
     component: str
@@ -332,8 +332,8 @@ class Replica:
             if startup is None and not started_up and now - started > workload.startup_timeout_s:
                 return await self._kill_unhealthy(f"not ready within {workload.startup_timeout_s:.0f}s of start")
 
-            # An explicit liveness probe follows Kubernetes (it counts from its initial delay);
-            # the default one only counts once the replica has been ready, so a slow model
+            # An explicit liveness probe follows Kubernetes and counts from its initial delay.
+            # The default one only counts once the replica has been ready, so a slow model
             # load is never taken for a hang.
             if started_up or (workload.liveness_explicit and startup is None):
                 if await liveness.step(self, now - started) is False:

@@ -1,9 +1,9 @@
 """One service's replicas on this machine: reconcile toward a plan, route, report status.
 
-`ServiceRuntime.reconcile` is the declarative step behind `apply`: it scales each
-workload, rolls a changed template out one replica at a time (start the new replica, wait
-until it is ready, stop routing to the old one, wait for its in-flight requests, stop it),
-and waits until every replica is ready. Applies to one service run one at a time.
+`ServiceRuntime.reconcile` is the declarative step behind `apply`. It scales each workload
+and rolls a changed template out one replica at a time: start the new replica, wait until
+it is ready, stop routing to the old one, wait for its in-flight requests, stop it. Then it
+waits until every replica is ready. Applies to one service run one at a time.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _PROGRESS_INTERVAL_S = 5.0
 
 
 class ReconcileError(RuntimeError):
-    """A reconcile step failed (a replica never became ready, the gateway refused); the message says which."""
+    """A reconcile step failed, for example a replica never became ready; the message names the replica."""
 
 
 @dataclass
@@ -137,7 +137,7 @@ class ServiceRuntime:
         """Resume supervising the replicas the store records.
 
         A replica whose process still runs and passes its readiness probe is adopted as
-        ready, so the gateway keeps routing to it without a gap; the others are restarted.
+        ready, so the gateway keeps routing to it without a gap. The others are restarted.
         """
         for data in self._context.store.list_replicas(self.namespace, self.name):
             record = record_from_dict(data)

@@ -1,7 +1,7 @@
 """Embedded SQLite store of applied specs, plans, observed replicas and events.
 
-Only the control process opens the store; the CLI asks the control process over its
-socket. Writes are small and synchronous, so the event loop blocks for at most a few
+Only the control process writes to the store; the CLI sends its requests to the control
+process over its socket. Writes are small and synchronous, so the event loop blocks for at most a few
 milliseconds per write.
 """
 
