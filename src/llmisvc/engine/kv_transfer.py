@@ -629,8 +629,14 @@ class NixlConnector:
             )
             return None
 
-        exported = self._runner.export_blocks(block_ids)
-        self.slab.write(slots, exported.reshape(len(block_ids), -1).view(torch.uint8))
+        try:
+            exported = self._runner.export_blocks(block_ids)
+            self.slab.write(slots, exported.reshape(len(block_ids), -1).view(torch.uint8))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            self.slab.free(slots)
+            self.metrics.failures.labels(reason="export_failed").inc()
+            logger.error("request %s: staging %d KV blocks failed (%s); decode will recompute", request_id, len(block_ids), exc)
+            return None
 
         held = _Held(block_ids, slots, time.monotonic() + self.config.lease_seconds)
         held.slot_of_block = dict(zip(block_ids, slots))
@@ -699,6 +705,9 @@ class NixlConnector:
             held = self._held.get(request_id)
             if held is None:
                 raise KVTransferError("not_held", f"request {request_id} has no held blocks (lease expired or already freed)")
+            # A reader is about to copy these slots, so the lease must not free (and a new
+            # hold reuse) them mid-copy; the reader's free notification ends the hold.
+            held.deadline = max(held.deadline, time.monotonic() + self.config.transfer_timeout_seconds)
             try:
                 return [held.slot_of_block[block_id] for block_id in block_ids]
             except KeyError as exc:
@@ -808,6 +817,9 @@ class NixlConnector:
                     raise KVTransferError("aborted", "request aborted during the KV pull")
                 data = self.slab.rows(slots)
                 tensor = data.view(_TORCH_DTYPES.get(peer.dtype, torch.uint8)).view(len(slots), *peer.block_shape)
+                # NOTE: this runs on an executor thread while the engine thread steps. It
+                # writes only pool rows of this request, which the core leaves alone while the
+                # request waits for remote KV, and the pool tensor is never reallocated.
                 try:
                     self._runner.import_blocks(local_blocks, tensor)
                 except (ValueError, IndexError, RuntimeError) as exc:
