@@ -257,3 +257,17 @@ def test_metrics_count_status_codes(gateway, echo):
     assert gateway.metric("llmisvc_gateway_e2e_request_latency_seconds_count", model="echo") >= 1
     assert gateway.metric("llmisvc_gateway_endpoint_picks_total", model="echo") >= 1
     assert time.monotonic() - started < 10
+
+
+def test_large_body_routed_by_scanned_model(gateway, echo):
+    # Above the 16 KiB scan threshold and within the simulator's 8192-token context.
+    content = 'padding with "quotes" and a nested "model": "wrong" ' * 400
+    body = {"messages": [{"role": "system", "content": content}, {"role": "user", "content": "large"}], "model": "echo", "metadata": {"model": "wrong"}}
+    response = requests.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == "large"
+
+    broken = b'{"model": "echo", "messages": [' + b'"x", ' * 5000
+    rejected = requests.post(gateway.url + "/v1/chat/completions", data=broken, timeout=30)
+    assert rejected.status_code == 400
+    assert rejected.json()["error"]["param"] == "body"

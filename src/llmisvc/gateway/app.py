@@ -27,6 +27,7 @@ from llmisvc.protocol.errors import APIError, AuthenticationError, BadRequestErr
 from .admin import AdminAPI
 from .forwarder import Forwarder
 from .health import HealthProber
+from .json_scan import SCAN_MIN_BYTES, ScanError, top_level_fields
 from .jsonutil import JSONDecodeError, loads
 from .metrics import GatewayMetrics
 from .pd import PDMetrics, PDOrchestrator
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_ID = h.REQUEST_ID.encode()
 _DROP_REASON = h.DROP_REASON.encode()
+_MODEL_ONLY = frozenset({"model"})
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -117,13 +119,16 @@ class Gateway:
                 return
             if request.method != b"POST":
                 raise NotFoundError(f"no route for {request.method.decode()} {path}")
-            body = _parse_body(request)
+            body = _parse_body(request, full=False)
             model = body.get("model")
             if not isinstance(model, str) or not model:
                 raise BadRequestError("missing required parameter 'model'", param="model")
             service = self.table.by_model.get(model)
             if service is None:
                 raise NotFoundError(f"model '{model}' does not exist", param="model", code="model_not_found")
+            if service.scheduler is not None and len(request.body) >= SCAN_MIN_BYTES:
+                # The scan read only `model`; the scheduler needs the prompt as well.
+                body = _parse_body(request)
             await self.forwarder.forward(request, client, service, path, body, _request_id(request))
             return
         if path == "/health":
@@ -145,7 +150,10 @@ class Gateway:
         if engine_path == "/v1/models" and request.method == b"GET":
             client.send_json(200, self._models([service]))
             return
-        body = _parse_body(request) if request.method == b"POST" and request.body else {}
+        # Round robin needs nothing from the body, so only the scheduler's services parse it.
+        body = {}
+        if service.scheduler is not None and request.method == b"POST" and request.body:
+            body = _parse_body(request)
         await self.forwarder.forward(request, client, service, engine_path, body, _request_id(request))
 
     # helpers
@@ -167,10 +175,19 @@ class Gateway:
         return {"object": "list", "data": data}
 
 
-def _parse_body(request: Request) -> dict:
-    """Parse the JSON object body; raise BadRequestError when it is not one."""
+def _parse_body(request: Request, full: bool = True) -> dict:
+    """Parse the JSON object body; raise BadRequestError when it is not one.
+
+    With `full` False a body of SCAN_MIN_BYTES or more is only scanned for `model`, and the
+    result holds that one key when present.
+    """
     if not request.body:
         raise BadRequestError("request body is empty: expected a JSON object", param="body")
+    if not full and len(request.body) >= SCAN_MIN_BYTES:
+        try:
+            return top_level_fields(request.body, _MODEL_ONLY)
+        except ScanError as exc:
+            raise BadRequestError(f"request body is not a valid JSON object: {exc}", param="body") from None
     try:
         body = loads(request.body)
     except JSONDecodeError as exc:

@@ -2,9 +2,10 @@
 
 `build_request_head` turns the client's request into the upstream request head (hop-by-hop,
 routing and credential headers removed, `x-request-id` set, the engine API key added).
-`Relay` is the sink of the upstream response: a 2xx head and every body chunk are written to
-the client from the protocol callback that parsed them (no task switch, no copy, no
-re-chunking of SSE events); a 3xx/4xx response is collected and sent with a fresh
+`Relay` is the sink of the upstream response: a 2xx head and the body bytes of each socket
+read are written to the client from the protocol callback that parsed them (no task switch,
+no waiting for more data, SSE events never split or re-encoded; several upstream chunks of
+one read leave as one client chunk, which saves a system call per chunk); a 3xx/4xx response is collected and sent with a fresh
 Content-Length; a 5xx head with retries left ends the attempt without a byte to the client.
 The one rewrite is prefill/decode's usage filter: SSE events carrying `usage` are re-encoded
 by it, and a JSON body it changes is collected and sent with a recomputed Content-Length.
@@ -124,6 +125,7 @@ class Relay:
         "body_meter",
         "last_bytes",
         "sent",
+        "_out",
     )
 
     def __init__(
@@ -159,6 +161,8 @@ class Relay:
         self.last_bytes = b"\n\n"
         # Whether any attempt's request was written to an endpoint.
         self.sent = False
+        # Body bytes of the current socket read, written by `flush`.
+        self._out: list[bytes] = []
 
     def begin(self, connection: UpstreamConnection, endpoint: str, may_retry: bool) -> asyncio.Future:
         """Start an attempt on `connection`; return the future of its outcome."""
@@ -234,7 +238,19 @@ class Relay:
             data = self._rewriter.feed(data)
             if not data:
                 return
-        self._client.write(data)
+        self._out.append(data)
+
+    def flush(self, last: bool = False) -> None:
+        out = self._out
+        if not out:
+            if last:
+                self._client.finish()
+            elif self.head_sent:
+                self._client.flush_head()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._client.write(data, last)
         if self.stream_meter is not None:
             self.last_bytes = data[-2:]
             self.stream_meter.feed(data, self._loop.time())
@@ -257,14 +273,13 @@ class Relay:
             if self._rewriter is not None:
                 rest = self._rewriter.flush()
                 if rest:
-                    self._client.write(rest)
-                    if self.stream_meter is not None:
-                        self.stream_meter.feed(rest, self._loop.time())
-            self._client.finish()
+                    self._out.append(rest)
+            self.flush(last=True)
         self._resolve(DONE)
 
     def on_failure(self, error: UpstreamError) -> None:
         self._connection = None
+        self.flush()
         if self._buffer is not None:
             # Nothing of the error response reached the client yet, so it still counts as
             # a failure before the first byte.
@@ -276,8 +291,7 @@ class Relay:
         buffer, self._buffer = self._buffer, None
         self._client.start(self._status, self._headers, None)
         self.head_sent = True
-        for part in buffer:
-            self._client.write(part)
+        self._out.extend(buffer)
 
     def _resolve(self, result: object) -> None:
         outcome = self.outcome

@@ -125,6 +125,8 @@ class ClientConnection(asyncio.Protocol):
         self._response_keep_alive = True
         self._chunked = False
         self._close_delimited = False
+        self._http_11 = True
+        self._pending_head = b""
         self.writing_paused = False
         self.on_pause: Callable[[], None] | None = None
         self.on_resume: Callable[[], None] | None = None
@@ -246,6 +248,8 @@ class ClientConnection(asyncio.Protocol):
     def _start_next(self) -> None:
         request = self._ready.popleft()
         self._response_keep_alive = request.keep_alive
+        self._http_11 = request.http_11
+        self._pending_head = b""
         self._chunked = False
         self._close_delimited = False
         self._task = self._loop.create_task(self._handler(request, self))
@@ -298,10 +302,12 @@ class ClientConnection(asyncio.Protocol):
         self.send_json(exc.status, exc.body(), headers)
 
     def start(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None) -> None:
-        """Write the response head; the body follows through `write` and `finish`.
+        """Prepare the response head; it leaves with the first `write`, `flush_head` or `finish`.
 
-        With `content_length` None the body is sent chunked (or close-delimited to an HTTP/1.0
-        client); `headers` must not contain content-length or transfer-encoding.
+        Holding the head lets the head, the first body bytes and, for a short response, the
+        end of the body share one system call. With `content_length` None the body is sent
+        chunked (or close-delimited to an HTTP/1.0 client); `headers` must not contain
+        content-length or transfer-encoding.
         """
         if self.closed:
             return
@@ -310,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
             parts.append(b"%s: %s\r\n" % (name, value))
         if content_length is not None:
             parts.append(b"content-length: %d\r\n" % content_length)
-        elif self._parser.get_http_version() == "1.1":
+        elif self._http_11:
             self._chunked = True
             parts.append(b"transfer-encoding: chunked\r\n")
         else:
@@ -319,26 +325,34 @@ class ClientConnection(asyncio.Protocol):
         if not self._response_keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
-        self.transport.write(b"".join(parts))
+        self._pending_head = b"".join(parts)
 
-    def write(self, data: bytes) -> None:
-        """Write body bytes exactly as given (one chunk when the response is chunked)."""
-        if self.closed or not data:
+    def write(self, data: bytes, last: bool = False) -> None:
+        """Write body bytes exactly as given (one chunk when chunked); `last` also ends the response."""
+        if self.closed:
             return
+        head, self._pending_head = self._pending_head, b""
         if self._chunked:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.transport.write(data)
+            if data:
+                data = b"%x\r\n%s\r\n" % (len(data), data)
+            if last:
+                data += b"0\r\n\r\n"
+        if head or data:
+            self.transport.write(head + data if head else data)
+        if last:
+            if self._close_delimited:
+                self._response_keep_alive = False
+            self._end_response()
+
+    def flush_head(self) -> None:
+        """Write a prepared head now, before any body byte is available."""
+        if self._pending_head and not self.closed:
+            head, self._pending_head = self._pending_head, b""
+            self.transport.write(head)
 
     def finish(self) -> None:
         """End a response begun with `start`."""
-        if self.closed:
-            return
-        if self._chunked:
-            self.transport.write(b"0\r\n\r\n")
-        if self._close_delimited:
-            self._response_keep_alive = False
-        self._end_response()
+        self.write(b"", last=True)
 
     def close_after_response(self) -> None:
         """Close the connection once the current response is finished."""

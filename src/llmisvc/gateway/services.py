@@ -100,6 +100,7 @@ class Service:
         self.metrics: ModelMetrics | None = None
         self._gateway_metrics = metrics
         self._next = 0
+        self._eligible: list[Endpoint] | None = None
         self.in_flight = 0
         # Set for the scheduler and pd shapes; the scrape task is owned by this service.
         self.scheduler: Scheduler | None = None
@@ -112,7 +113,8 @@ class Service:
         return f"{self.namespace}/{self.name}"
 
     def sync_endpoint(self, endpoint: Endpoint) -> None:
-        """Tell the scheduler's datastore whether `endpoint` may take requests (ready and healthy)."""
+        """Apply a change of `endpoint`'s health to the picker and the scheduler's datastore."""
+        self._eligible = None
         if self.datastore is not None:
             self.datastore.set_ready(endpoint.address, endpoint.ready and endpoint.healthy)
 
@@ -145,17 +147,23 @@ class Service:
         self.scheduler = None
         self.datastore = None
 
+    def invalidate(self) -> None:
+        """Forget the cached list of eligible endpoints after a ready, health or drain change."""
+        self._eligible = None
+
     def pick(self, exclude: tuple[Endpoint, ...] = (), role: str | None = None) -> Endpoint | None:
         """Return the next eligible endpoint in round-robin order, skipping `exclude`.
 
         `role` restricts the choice to endpoints of that role (`both` serves every role).
         Returns None when no endpoint qualifies.
         """
-        candidates = [
-            e
-            for e in self.endpoints.values()
-            if e.eligible and e not in exclude and (role is None or e.role == role or e.role == "both")
-        ]
+        if self._eligible is None:
+            self._eligible = [e for e in self.endpoints.values() if e.eligible]
+        candidates = self._eligible
+        if exclude or role is not None:
+            candidates = [
+                e for e in candidates if e not in exclude and (role is None or e.role == role or e.role == "both")
+            ]
         if not candidates:
             return None
         self._next += 1
@@ -163,8 +171,10 @@ class Service:
 
     def has_alternative(self, exclude: tuple[Endpoint, ...], role: str | None = None) -> bool:
         """Return whether an eligible endpoint outside `exclude` exists."""
-        for e in self.endpoints.values():
-            if e.eligible and e not in exclude and (role is None or e.role == role or e.role == "both"):
+        if self._eligible is None:
+            self._eligible = [e for e in self.endpoints.values() if e.eligible]
+        for e in self._eligible:
+            if e not in exclude and (role is None or e.role == role or e.role == "both"):
                 return True
         return False
 
@@ -273,6 +283,7 @@ class ServiceTable:
         if self.by_model.get(service.model) is service:
             del self.by_model[service.model]
         service.close_scheduler()
+        service.invalidate()
         for endpoint in list(service.endpoints.values()):
             endpoint.draining = True
             self.forget_if_idle(service, endpoint)
@@ -284,6 +295,7 @@ class ServiceTable:
         if endpoint.draining and endpoint.in_flight == 0:
             if service.endpoints.get(endpoint.address) is endpoint:
                 del service.endpoints[endpoint.address]
+            service.invalidate()
             endpoint.pool.close()
 
     def _build_scheduler(self, namespace: str, name: str, spec: dict[str, Any]) -> Scheduler:
@@ -308,6 +320,7 @@ class ServiceTable:
             raise BadRequestError(f"scheduler_config: {exc}", param="scheduler_config") from None
 
     def _update_endpoints(self, service: Service, items: list[dict]) -> None:
+        service.invalidate()
         seen = set()
         for item in items:
             address = item["address"]

@@ -53,6 +53,9 @@ class ResponseSink(Protocol):
 
     def on_failure(self, error: UpstreamError) -> None: ...
 
+    def flush(self) -> None:
+        """Write out what `on_body` calls of one socket read produced (called after each read)."""
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to an endpoint, used for one request at a time."""
@@ -82,11 +85,16 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes with no request outstanding break the framing, so drop the connection.
             self.abort()
             return
+        sink = self._sink
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamClosed(f"malformed response from {self._pool.address}: {exc}"))
             self.abort()
+            return
+        if sink is not None and sink is self._sink:
+            # One client write per socket read, however many chunks the read contained.
+            sink.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -298,6 +306,9 @@ class _CollectingSink:
     def on_failure(self, error: UpstreamError) -> None:
         if not self._future.done():
             self._future.set_exception(error)
+
+    def flush(self) -> None:
+        pass
 
 
 async def fetch(
