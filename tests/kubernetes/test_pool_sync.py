@@ -98,3 +98,29 @@ def test_discover_feeds_gateway(tmp_path):
         stop(discover)
         stop(gateway)
         server.stop()
+
+
+def test_entry_reads_scheduler_config_file(tmp_path):
+    from llmisvc.runtime.kubernetes.client import KubeClient
+    from llmisvc.runtime.kubernetes.pool_sync import GatewaySync, SyncConfigError
+
+    profile = tmp_path / "pd.yaml"
+    profile.write_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: queue-scorer\n")
+    config = {
+        "namespace": NAMESPACE, "name": "sync-b",
+        "entry": {"model": "m", "shape": "scheduler", "scheduler_config": None, "criticality": "Standard"},
+        "discovery": {"namespace": NAMESPACE, "selector": SELECTOR, "targetPort": 8000},
+        "schedulerConfigFile": str(profile),
+    }
+    # The client is never used: entry() reads only the file.
+    sync = GatewaySync(KubeClient("http://127.0.0.1:9"), config, "http://127.0.0.1:9", TOKEN)
+    entry = sync.entry()
+    assert entry["scheduler_config"]["plugins"] == [{"type": "queue-scorer"}]
+    assert entry["endpoints"] == []
+
+    profile.write_text("plugins:\n- type: random-picker\n")
+    assert sync.entry()["scheduler_config"]["plugins"] == [{"type": "random-picker"}]
+
+    profile.unlink()
+    with pytest.raises(SyncConfigError, match="pd.yaml"):
+        sync.entry()

@@ -317,3 +317,38 @@ def test_examples_render_valid_objects(path):
         for obj in objects:
             errors = validate_object(obj)
             assert errors == [], f"{obj['kind']} {obj['metadata']['name']}: {errors}"
+
+
+def test_scheduler_config_ref_mounted():
+    resource = load_file(HERE / "samples" / "scheduler.yaml")[0]
+    resource.obj["spec"]["router"]["scheduler"] = {"config": {"ref": {"name": "epp-profiles", "key": "pd.yaml"}}}
+    objects = by_key(render_manifests(resolve(resource), owner_uid=UID))
+    pod = objects[("Deployment", "qwen-chat-kserve-router-scheduler")]["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "epp-config")
+    assert volume["configMap"] == {"name": "epp-profiles", "items": [{"key": "pd.yaml", "path": "pd.yaml"}]}
+    discover = next(c for c in pod["containers"] if c["name"] == "pool-discovery")
+    assert {"name": "epp-config", "mountPath": "/etc/llmisvc/epp", "readOnly": True} in discover["volumeMounts"]
+    config = yaml.safe_load(objects[("ConfigMap", "qwen-chat-kserve-router-scheduler-config")]
+                            ["data"]["service.yaml"])
+    assert config["schedulerConfigFile"] == "/etc/llmisvc/epp/pd.yaml"
+
+
+def test_router_ingress_rejected():
+    resource = load_file(HERE / "samples" / "no-scheduler.yaml")[0]
+    resource.obj["spec"]["router"]["ingress"] = {}
+    with pytest.raises(ValueError, match="spec.router.ingress"):
+        render_manifests(resolve(resource), owner_uid=UID)
+
+
+def test_storage_initializer_disabled():
+    resource = load_file(HERE / "samples" / "scheduler.yaml")[0]
+    resource.obj["spec"]["storageInitializer"] = {"enabled": False}
+    objects = by_key(render_manifests(resolve(resource), owner_uid=UID))
+    pod = objects[("Deployment", "qwen-chat-kserve")]["spec"]["template"]["spec"]
+    assert not any(c["name"] == "storage-initializer" for c in pod.get("initContainers") or [])
+    assert main_container(pod)["command"] == ["vllm", "serve", "Qwen/Qwen2.5-7B-Instruct"]
+
+    resource = load_file(HERE / "samples" / "scaling.yaml")[0]
+    resource.obj["spec"]["storageInitializer"] = {"enabled": False}
+    with pytest.raises(ValueError, match="s3://"):
+        render_manifests(resolve(resource), owner_uid=UID)

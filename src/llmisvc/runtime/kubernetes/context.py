@@ -29,6 +29,7 @@ class ServiceContext:
     shape: str
     scheduler_config: dict | None
     options: RenderOptions
+    scheduler_config_ref: dict | None = None
     names: ChildNames = field(init=False)
 
     def __post_init__(self) -> None:

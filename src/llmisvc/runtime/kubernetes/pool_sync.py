@@ -74,9 +74,24 @@ class GatewaySync:
         self.endpoints = endpoints
         self._changed.set()
 
+    def entry(self) -> dict:
+        """Return the service entry with the current endpoints.
+
+        With `schedulerConfigFile`, the file is read each time, so an edited ConfigMap reaches
+        the gateway on the next send. Raises SyncConfigError when it is unreadable.
+        """
+        entry = {**self.config["entry"], "endpoints": self.endpoints}
+        path = self.config.get("schedulerConfigFile")
+        if path:
+            try:
+                entry["scheduler_config"] = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError) as error:
+                raise SyncConfigError(f"cannot read scheduler config {path}: {error}") from None
+        return entry
+
     async def _put(self, session: aiohttp.ClientSession) -> None:
         url = f"{self.gateway_url}/admin/services/{self.config['namespace']}/{self.config['name']}"
-        body = {**self.config["entry"], "endpoints": self.endpoints}
+        body = self.entry()
         async with session.put(url, json=body, headers={ADMIN_TOKEN_HEADER: self.admin_token},
                                timeout=aiohttp.ClientTimeout(total=10)) as response:
             if response.status >= 400:
@@ -100,7 +115,8 @@ class GatewaySync:
                     self._changed.clear()
                     try:
                         await self._put(session)
-                    except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as error:
+                    except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError,
+                            SyncConfigError) as error:
                         logger.warning("sending endpoints to the gateway failed: %s; retrying", error)
                         await asyncio.sleep(1.0)
                         self._changed.set()

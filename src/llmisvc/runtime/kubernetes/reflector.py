@@ -98,6 +98,7 @@ class Reflector:
 
     async def run(self) -> None:
         """List and watch forever, re-listing after every disconnect; cancel to stop."""
+        failures = 0
         while True:
             try:
                 resource_version = await self.relist()
@@ -106,6 +107,11 @@ class Reflector:
             except WatchExpired:
                 logger.info("%s watch expired; re-listing", self.kind)
             except (aiohttp.ClientError, asyncio.TimeoutError, ApiError, ValueError) as error:
-                logger.warning("%s watch failed: %s; retrying in %.1fs", self.kind, error,
-                               self.retry_delay)
-                await asyncio.sleep(self.retry_delay)
+                # Doubling up to a minute, so a kind whose CRD is not installed costs one
+                # request and one log line a minute, not one a second.
+                delay = min(self.retry_delay * 2 ** failures, 60.0)
+                failures += 1
+                logger.warning("%s watch failed: %s; retrying in %.1fs", self.kind, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0

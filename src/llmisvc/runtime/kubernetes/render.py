@@ -37,6 +37,7 @@ def service_context(resolved, owner_uid: str | None = None,
         shape=resolved.shape,
         scheduler_config=resolved.scheduler_config,
         options=options or RenderOptions(),
+        scheduler_config_ref=getattr(resolved, "scheduler_config_ref", None),
     )
 
 

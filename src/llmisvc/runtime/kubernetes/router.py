@@ -20,6 +20,7 @@ from llmisvc.runtime.kubernetes.workload import WORKLOAD_PORT
 GATEWAY_PORT = 8000
 CONFIG_DIR = "/etc/llmisvc"
 CONFIG_FILE = "service.yaml"
+EPP_CONFIG_DIR = "/etc/llmisvc/epp"
 TOKEN_DIR = "/var/run/llmisvc"
 TOKEN_FILE = f"{TOKEN_DIR}/admin-token"
 POOL_API_VERSION = "inference.networking.k8s.io/v1"
@@ -47,7 +48,7 @@ def sync_config(ctx: ServiceContext) -> dict:
     NOTE: with `router.scheduler.pool.ref` the referenced pool's own selector is not read, so
     its pods must carry the same workload labels.
     """
-    return {
+    config: dict = {
         "namespace": ctx.namespace,
         "name": ctx.name,
         "entry": {
@@ -62,6 +63,11 @@ def sync_config(ctx: ServiceContext) -> dict:
             "targetPort": WORKLOAD_PORT,
         },
     }
+    if ctx.scheduler_config_ref:
+        # `router.scheduler.config.ref` names a ConfigMap key; it is mounted into the discovery
+        # container, which reads it into the entry's scheduler_config before every send.
+        config["schedulerConfigFile"] = f"{EPP_CONFIG_DIR}/{ctx.scheduler_config_ref['key']}"
+    return config
 
 
 def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
@@ -73,6 +79,7 @@ def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
     discovery container can change the gateway's routing state.
     """
     template = copy.deepcopy((_router(ctx).get("scheduler") or {}).get("template") or {})
+    template["volumes"] = [v for v in template.get("volumes") or [] if v.get("name") != "epp-config"]
     containers = template.get("containers") or []
     main = next((c for c in containers if c.get("name") == "main"), {})
     token_mount = {"name": "admin-token", "mountPath": TOKEN_DIR}
@@ -121,6 +128,14 @@ def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
         {"name": "scheduler-config", "configMap": {"name": ctx.names.scheduler_config}},
         {"name": "admin-token", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
     ]
+    ref = ctx.scheduler_config_ref
+    if ref:
+        source = {"name": ref.get("name") or "", "items": [{"key": ref["key"], "path": ref["key"]}]}
+        if ref.get("optional") is not None:
+            source["optional"] = bool(ref["optional"])
+        template["volumes"].append({"name": "epp-config", "configMap": source})
+        discover["volumeMounts"].append({"name": "epp-config", "mountPath": EPP_CONFIG_DIR,
+                                         "readOnly": True})
     return template
 
 
@@ -243,7 +258,13 @@ def gateway_refs(ctx: ServiceContext, route: dict | None) -> list[tuple[str, str
 
 def http_route(ctx: ServiceContext) -> list[dict]:
     """Return the managed HTTPRoute `<name>-kserve-route`; empty when the spec has no
-    `router.route` or references its own routes."""
+    `router.route` or references its own routes.
+
+    Raises ValueError for `router.ingress`, which Kubernetes mode does not render.
+    """
+    if _router(ctx).get("ingress") is not None:
+        raise ValueError("spec.router.ingress: not supported in Kubernetes mode; "
+                         "use spec.router.route, which renders an HTTPRoute")
     route = _router(ctx).get("route")
     if route is None:
         return []

@@ -48,12 +48,19 @@ def parse_pvc_uri(uri: str) -> tuple[str, str]:
     return claim, path.strip("/")
 
 
-def model_storage(uri: str, initializer_image: str) -> ModelStorage:
+def model_storage(uri: str, initializer_image: str, initializer_enabled: bool = True) -> ModelStorage:
     """Return the volumes, init containers and mounts that make `uri` visible to the engine.
 
-    `initializer_image` runs the download for `hf://` and `s3://` URIs. Raises ValueError for
-    a malformed `pvc://` URI.
+    `initializer_image` runs the download for `hf://` and `s3://` URIs. With the initializer
+    disabled (`spec.storageInitializer.enabled: false`), an `hf://org/name` URI is passed to
+    the engine as the repository id `org/name`, for engines that download it themselves.
+    Raises ValueError for a malformed `pvc://` URI, and for `s3://` without the initializer.
     """
+    if not initializer_enabled and uri.startswith("hf://"):
+        return ModelStorage(model_path=uri[len("hf://"):])
+    if not initializer_enabled and uri.startswith("s3://"):
+        raise ValueError("spec.storageInitializer.enabled: an s3:// model needs the storage "
+                         "initializer; enable it or use a pvc:// or hf:// URI")
     if uri.startswith(("hf://", "s3://")):
         return ModelStorage(
             model_path=MODEL_MOUNT_PATH,

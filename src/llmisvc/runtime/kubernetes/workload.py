@@ -35,7 +35,8 @@ def _pod_spec(ctx: ServiceContext, template: dict | None, role: str, port: int,
     containers = spec.get("containers") or []
     main = next((c for c in containers if c.get("name") == "main"), {"name": "main"})
     engine = choose_engine(main, ctx.annotations, role)
-    storage = model_storage(ctx.model_uri, ctx.options.storage_initializer_image)
+    initializer = (ctx.spec.get("storageInitializer") or {}).get("enabled", True) is not False
+    storage = model_storage(ctx.model_uri, ctx.options.storage_initializer_image, initializer)
 
     container = engine_container(
         main,
