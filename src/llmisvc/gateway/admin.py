@@ -7,7 +7,7 @@
 - `GET /admin/services/{namespace}/{name}`: one service.
 
 Every request carries `x-llmisvc-admin-token`, compared in constant time with the token the
-gateway was started with. Without a token the admin API answers 404 to everything.
+gateway was started with. Without a token the admin API returns 404 for every request.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Routes:
 - `GET /health`, `GET /metrics`: the gateway's own.
 - `GET /v1/models`: every served model; `POST /v1/...`: the service serving the body's `model`.
 - `/<namespace>/<name>/<path>`: that service, `<path>` forwarded as is
-  (`GET /<namespace>/<name>/v1/models` is answered by the gateway).
+  (the gateway itself responds to `GET /<namespace>/<name>/v1/models`).
 - `/admin/...`: the admin API (`admin.py`).
 
 Every failure the gateway detects itself is an `APIError` turned into an OpenAI error
@@ -179,7 +179,7 @@ def _parse_body(request: Request, full: bool = True) -> dict:
     """Parse the JSON object body; raise BadRequestError when it is not one.
 
     With `full` False a body of SCAN_MIN_BYTES or more is only scanned for `model`, and the
-    result holds that one key when present.
+    result contains only that key when present.
     """
     if not request.body:
         raise BadRequestError("request body is empty: expected a JSON object", param="body")

@@ -49,7 +49,7 @@ _JSON = [(b"content-type", b"application/json")]
 
 
 class BadGatewayError(APIError):
-    """Every attempt to reach an endpoint failed before it answered (502)."""
+    """Every attempt to reach an endpoint failed before a response arrived (502)."""
 
     status = 502
     error_type = "upstream_error"
@@ -79,10 +79,10 @@ class Forwarder:
     async def forward(
         self, request: Request, client: ClientConnection, service: Service, path: str, body: dict, request_id: bytes
     ) -> None:
-        """Proxy `request` to one of `service`'s endpoints at engine path `path` and answer the client.
+        """Proxy `request` to one of `service`'s endpoints at engine path `path` and respond to the client.
 
         `body` is the parsed JSON body ({} for a request without one). Client-visible failures
-        are answered here as OpenAI errors; a client disconnect cancels the calling task.
+        are sent here as OpenAI errors; a client disconnect cancels the calling task.
         """
         start = self._loop.time()
         metrics = service.metrics
@@ -244,7 +244,7 @@ class Forwarder:
             if outcome == DONE:
                 return
             if outcome == RETRY_STATUS:
-                error_kind, message = "status_5xx", f"endpoint {endpoint.address} answered {relay.status}"
+                error_kind, message = "status_5xx", f"endpoint {endpoint.address} responded with status {relay.status}"
             else:
                 exc = outcome
                 if isinstance(exc, UpstreamClosed) and exc.reused and not relay.head_sent and not fresh_retry_used:

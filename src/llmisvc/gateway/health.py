@@ -1,9 +1,9 @@
 """The gateway's own health probes of its endpoints.
 
 Every `interval` seconds each endpoint gets `GET /health` (with the service's engine API key).
-A refused connection or a non-200 answer marks the endpoint unhealthy, so the picker skips
+A refused connection or a non-200 status marks the endpoint unhealthy, so the picker skips
 it; a 200 marks it healthy again. A probe that times out changes nothing, because a CPU
-engine busy with a long prompt can be slow to answer and is still alive. The proxy also
+engine busy with a long prompt can be slow to respond and is still alive. The proxy also
 marks an endpoint unhealthy at once when a connection to it fails or dies mid-response.
 """
 
@@ -49,7 +49,7 @@ class HealthProber:
         except UpstreamError as exc:
             self._set(service, endpoint, False, str(exc))
             return
-        self._set(service, endpoint, status == 200, f"GET /health answered {status}")
+        self._set(service, endpoint, status == 200, f"GET /health returned status {status}")
 
     def _set(self, service: Service, endpoint: Endpoint, healthy: bool, reason: str) -> None:
         if endpoint.healthy == healthy:

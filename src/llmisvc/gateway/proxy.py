@@ -2,13 +2,14 @@
 
 `build_request_head` turns the client's request into the upstream request head (hop-by-hop,
 routing and credential headers removed, `x-request-id` set, the engine API key added).
-`Relay` is the sink of the upstream response: a 2xx head and the body bytes of each socket
-read are written to the client from the protocol callback that parsed them (no task switch,
-no waiting for more data, SSE events never split or re-encoded; several upstream chunks of
-one read leave as one client chunk, which saves a system call per chunk); a 3xx/4xx response is collected and sent with a fresh
-Content-Length; a 5xx head with retries left ends the attempt without a byte to the client.
-The one rewrite is prefill/decode's usage filter: SSE events carrying `usage` are re-encoded
-by it, and a JSON body it changes is collected and sent with a recomputed Content-Length.
+`Relay` is the sink of the upstream response. A 2xx head and the body bytes of each socket
+read go to the client from the protocol callback that parsed them, with no task switch and
+no waiting for more data. SSE events are never split or re-encoded, but several upstream
+chunks from one read leave as one client chunk, which saves a system call per chunk. A
+3xx/4xx response is collected and sent with a fresh Content-Length, and a 5xx head with
+retries left ends the attempt without a byte to the client. The one rewrite is
+prefill/decode's usage filter: SSE events carrying `usage` are re-encoded by it, and a JSON
+body it changes is collected and sent with a recomputed Content-Length.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class Relay:
 
     After `begin` the handler awaits `outcome`: DONE when the response reached the client,
     RETRY_STATUS when a 5xx head ended a retryable attempt, or an UpstreamError. `head_sent`
-    tells whether any response byte went to the client (after which nothing is retried).
+    is True once any response byte went to the client, after which nothing is retried.
     """
 
     __slots__ = (

@@ -2,7 +2,7 @@
 
 One `ClientConnection` per accepted socket parses requests, hands each complete request to
 the application as a task, and offers the application a small response API (`send`,
-`start`, `write`, `finish`, `abort`). Requests on one connection are answered in order;
+`start`, `write`, `finish`, `abort`). Requests on one connection get responses in order;
 pipelined requests wait until the previous response is finished.
 
 The connection keeps reading while a request is being handled, so a client that goes away
@@ -98,7 +98,7 @@ class ClientConnection(asyncio.Protocol):
     `handler(request, connection)` runs as a task per request and must produce exactly one
     response through `send`, or `start` + `write`* + `finish`, or `abort`. When the client
     disconnects the task is cancelled; `on_pause`/`on_resume` callbacks registered by the
-    handler are told when the client's socket buffer fills and drains.
+    handler are called when the client's socket buffer fills and drains.
     """
 
     def __init__(self, handler: Handler, max_body_bytes: int, loop: asyncio.AbstractEventLoop):
@@ -117,7 +117,7 @@ class ClientConnection(asyncio.Protocol):
         self._body_size = 0
         self._rejecting = False
 
-        # State of the request being answered.
+        # State of the request being handled.
         self._ready: deque[Request] = deque()
         self._task: asyncio.Task | None = None
         self._pipelined = b""
@@ -145,8 +145,8 @@ class ClientConnection(asyncio.Protocol):
         self._feed(data)
 
     def eof_received(self) -> bool:
-        # A half-closed client cannot be told apart from a gone one by most proxies' peers, so
-        # end the connection and cancel the request in flight.
+        # A client that shuts down its sending side is treated as gone: the connection closes
+        # and the request in flight is cancelled, as a disconnect would do.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -206,7 +206,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._rejecting:
             # The 413 was written when the limit was crossed; the rest of the body has been
-            # read and dropped so the client reads the answer instead of a connection reset.
+            # read and dropped so the client reads the 413 instead of a connection reset.
             self.closed = True
             self.transport.close()
             return
@@ -383,7 +383,7 @@ class ClientConnection(asyncio.Protocol):
         self._write_error(error.status, error.message, error.error_type)
 
     def _send_error_and_close(self, status: int, message: str, error_type: str = "invalid_request_error") -> None:
-        """Answer a request that cannot be parsed, then close the connection."""
+        """Respond to a request that cannot be parsed, then close the connection."""
         if self.closed:
             return
         self._write_error(status, message, error_type)

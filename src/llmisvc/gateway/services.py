@@ -46,7 +46,7 @@ class Limits:
 
 
 class Endpoint:
-    """One engine replica as the gateway sees it.
+    """One engine replica in the gateway's view.
 
     `ready` comes from the controller; `healthy` is the gateway's own view (cleared when a
     connection fails or a stream dies, set again by a passing health probe); `draining`
@@ -134,7 +134,7 @@ class Service:
         except UpstreamError as exc:
             raise ScrapeError(str(exc)) from None
         if status != 200:
-            raise ScrapeError(f"GET /metrics on {address} answered {status}")
+            raise ScrapeError(f"GET /metrics on {address} returned status {status}")
         return body.decode("utf-8", "replace")
 
     def close_scheduler(self) -> None:

@@ -26,7 +26,7 @@ _decoder = json.JSONDecoder()
 class StreamMeter:
     """Observe TTFT, inter-token latency and usage of one relayed SSE stream.
 
-    `feed(data, now)` is called with each relayed chunk and the loop time; `usage` holds the
+    `feed(data, now)` is called with each relayed chunk and the loop time; `usage` is the
     last non-null usage object seen.
     """
 

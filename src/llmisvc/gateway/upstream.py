@@ -1,8 +1,8 @@
 """Client side of the gateway: keep-alive HTTP/1.1 connections to engine endpoints.
 
-`UpstreamConnection` sends one request at a time and feeds the response, as httptools parses
-it, into a sink (`ResponseSink`); nothing is buffered here, so body bytes reach the sink in
-the chunks the socket delivered them. `EndpointPool` keeps idle connections per endpoint.
+`UpstreamConnection` sends one request at a time and feeds the response into a sink
+(`ResponseSink`) as httptools parses it. Nothing is buffered here: body bytes reach the sink
+in the pieces each socket read delivered, and `flush` follows every read. `EndpointPool` keeps idle connections per endpoint.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._sink is None:
             return
         if self._head_seen and not self._has_length:
-            # A response framed by connection close ends here (httptools cannot be told EOF).
+            # A response framed by connection close ends here, because httptools has no end-of-input call.
             sink, self._sink = self._sink, None
             sink.on_complete()
             return
@@ -198,7 +198,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Close the connection at once; the endpoint sees the request cancelled."""
+        """Close the connection at once, which cancels the request in the engine."""
         if not self.closed:
             self.closed = True
             self._cancel_timer()
