@@ -76,6 +76,9 @@ _DEFAULT_TRANSFER_TIMEOUT_SECONDS = 30.0
 _DEFAULT_BUFFER_BYTES = 1_000_000_000
 _TCP_CHUNK_SLOTS = 64
 _SHM_DIR = "/dev/shm"
+# Slab files are named PREFIX<pid>-<engine id>, so a later engine can remove files whose
+# process is gone.
+_SHM_PREFIX = "llmisvc-kv-"
 # Larger kernel socket buffers let a block stream run with fewer wake-ups; Linux caps the
 # value at net.core.rmem_max / wmem_max.
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
@@ -559,7 +562,8 @@ class NixlConnector:
         """Return where the slab goes in shared memory, or None to keep it private."""
         if self.config.transport != "auto" or not os.path.isdir(_SHM_DIR):
             return None
-        return os.path.join(_SHM_DIR, f"llmisvc-kv-{self.engine_id}")
+        _remove_stale_slabs()
+        return os.path.join(_SHM_DIR, f"{_SHM_PREFIX}{os.getpid()}-{self.engine_id}")
 
     def _start_nixl(self) -> NixlAgent | None:
         module = import_nixl()
@@ -1023,6 +1027,21 @@ class NixlConnector:
                 raise KVTransferError("timeout", f"{address[0]}:{address[1]} did not respond to {message['op']}") from exc
         _raise_for_error(reply)
         return reply
+
+
+def _remove_stale_slabs() -> None:
+    """Delete slab files left by engines that died without closing (for example SIGKILL)."""
+    for name in os.listdir(_SHM_DIR):
+        if not name.startswith(_SHM_PREFIX):
+            continue
+        pid_text = name[len(_SHM_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or os.path.exists(f"/proc/{pid_text}"):
+            continue
+        try:
+            os.unlink(os.path.join(_SHM_DIR, name))
+            logger.info("removed stale KV slab %s of exited process %s", name, pid_text)
+        except OSError as exc:
+            logger.debug("could not remove stale KV slab %s: %s", name, exc)
 
 
 def _host_id() -> str:
