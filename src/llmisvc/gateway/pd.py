@@ -178,7 +178,8 @@ class PDOrchestrator:
         Cancellation of the calling task cancels the leg.
         """
         self.metrics.decisions.labels(model=model, decision="prefill_decode").inc()
-        leg_headers = [(REQUEST_ID, request_id), ("content-type", "application/json"), *(headers or [])]
+        leg_headers = [(REQUEST_ID, request_id), ("content-type", "application/json")]
+        leg_headers += [(k, v) for k, v in headers or [] if k.lower() not in (REQUEST_ID, "content-type")]
         started = time.perf_counter()
         try:
             status, body = await send(prefill_address, path, dumps(build_prefill_body(request)), leg_headers, self.prefill_timeout)
