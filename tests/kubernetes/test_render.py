@@ -352,3 +352,35 @@ def test_storage_initializer_disabled():
     resource.obj["spec"]["storageInitializer"] = {"enabled": False}
     with pytest.raises(ValueError, match="s3://"):
         render_manifests(resolve(resource), owner_uid=UID)
+
+
+def test_lora_adapters_on_vllm():
+    resource = load_file(HERE / "samples" / "scheduler.yaml")[0]
+    resource.obj["spec"]["model"]["lora"] = {
+        "adapters": [{"name": "sql-adapter", "uri": "hf://example/qwen-sql-lora"},
+                     {"name": "domain", "uri": "pvc://adapters/domain-lora"}],
+        "maxAdapters": 2, "maxRank": 16,
+    }
+    objects = by_key(render_manifests(resolve(resource), owner_uid=UID))
+    deployment = objects[("Deployment", "qwen-chat-kserve")]
+    assert validate_object(deployment) == []
+    pod = deployment["spec"]["template"]["spec"]
+    args = main_container(pod)["args"]
+    assert "--enable-lora" in args
+    modules = args[args.index("--lora-modules") + 1: args.index("--lora-modules") + 3]
+    assert modules == ["sql-adapter=/mnt/lora/sql-adapter", "domain=/mnt/lora/domain"]
+    assert args[args.index("--max-loras") + 1] == "2"
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+    init = {c["name"]: c for c in pod["initContainers"]}
+    assert init["storage-initializer-lora-sql-adapter"]["args"] == [
+        "hf://example/qwen-sql-lora", "/mnt/lora/sql-adapter"]
+    mounts = {m["mountPath"]: m for m in main_container(pod)["volumeMounts"]}
+    assert mounts["/mnt/lora/domain"]["subPath"] == "domain-lora"
+    assert mounts["/mnt/lora/domain"]["readOnly"] is True
+
+
+def test_lora_rejected_on_builtin_engine():
+    resource = load_file(HERE / "samples" / "no-scheduler.yaml")[0]
+    resource.obj["spec"]["model"]["lora"] = {"adapters": [{"name": "a", "uri": "hf://example/a"}]}
+    with pytest.raises(ValueError, match="spec.model.lora"):
+        render_manifests(resolve(resource), owner_uid=UID)

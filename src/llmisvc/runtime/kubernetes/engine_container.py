@@ -84,6 +84,19 @@ def merge_flags(generated: list[str], user_args: list[str]) -> list[str]:
     return merged + list(user_args)
 
 
+def lora_flags(lora: dict, adapter_paths: dict[str, str]) -> list[str]:
+    """Return vLLM's LoRA flags for `spec.model.lora` with adapters at `adapter_paths`."""
+    if not adapter_paths:
+        return []
+    flags = ["--enable-lora", "--lora-modules"]
+    flags += [f"{name}={path}" for name, path in adapter_paths.items()]
+    for field, flag in (("maxAdapters", "--max-loras"), ("maxCpuAdapters", "--max-cpu-loras"),
+                        ("maxRank", "--max-lora-rank")):
+        if lora.get(field):
+            flags += [flag, str(lora[field])]
+    return flags
+
+
 def engine_flags(
     engine: str,
     *,
@@ -92,11 +105,17 @@ def engine_flags(
     served_model_name: str,
     parallelism: dict,
     role: str,
+    lora: list[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Return (command, generated args) for `engine` serving `served_model_name` on `port`.
 
     `role` is `both`, `decode` or `prefill`; the last two get KV-transfer configuration.
+    `lora` is vLLM's LoRA flags (see `lora_flags`). Raises ValueError for LoRA flags with
+    an engine other than vLLM.
     """
+    if lora and engine != "vllm":
+        raise ValueError(f"spec.model.lora: LoRA adapters need the vllm engine, not {engine}; "
+                         f"request a GPU or set the llmisvc.io/engine annotation to vllm")
     split = role in ("decode", "prefill")
     if engine == "vllm":
         command = ["vllm", "serve", model_path]
@@ -115,7 +134,7 @@ def engine_flags(
         args.append("--enable-prefix-caching")
         if split:
             args += ["--kv-transfer-config", json.dumps(NIXL_KV_TRANSFER_CONFIG, separators=(",", ":"))]
-        return command, args
+        return command, args + list(lora or [])
 
     command = ["llmisvc", "engine" if engine == "builtin" else "sim"]
     args = [
@@ -146,6 +165,7 @@ def engine_container(
     parallelism: dict,
     role: str,
     options: RenderOptions,
+    lora: list[str] | None = None,
 ) -> dict:
     """Return the `main` container for a workload pod, built on the template's container.
 
@@ -167,6 +187,7 @@ def engine_container(
         served_model_name=served_model_name,
         parallelism=parallelism,
         role=role,
+        lora=lora,
     )
     if not container.get("command"):
         container["command"] = command

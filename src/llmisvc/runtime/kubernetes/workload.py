@@ -12,8 +12,8 @@ import copy
 
 from llmisvc.runtime.kubernetes import names as n
 from llmisvc.runtime.kubernetes.context import ServiceContext
-from llmisvc.runtime.kubernetes.engine_container import choose_engine, engine_container
-from llmisvc.runtime.kubernetes.storage import model_storage
+from llmisvc.runtime.kubernetes.engine_container import choose_engine, engine_container, lora_flags
+from llmisvc.runtime.kubernetes.storage import adapter_storage, model_storage
 
 WORKLOAD_PORT = 8000
 # In the decode pod the engine listens here, behind the sidecar on WORKLOAD_PORT.
@@ -37,6 +37,12 @@ def _pod_spec(ctx: ServiceContext, template: dict | None, role: str, port: int,
     engine = choose_engine(main, ctx.annotations, role)
     initializer = (ctx.spec.get("storageInitializer") or {}).get("enabled", True) is not False
     storage = model_storage(ctx.model_uri, ctx.options.storage_initializer_image, initializer)
+    lora = (ctx.spec.get("model") or {}).get("lora") or {}
+    adapter_paths, adapters = adapter_storage(lora.get("adapters") or [],
+                                              ctx.options.storage_initializer_image, initializer)
+    storage.volumes += adapters.volumes
+    storage.init_containers += adapters.init_containers
+    storage.volume_mounts += adapters.volume_mounts
 
     container = engine_container(
         main,
@@ -47,6 +53,7 @@ def _pod_spec(ctx: ServiceContext, template: dict | None, role: str, port: int,
         parallelism=parallelism,
         role=role,
         options=ctx.options,
+        lora=lora_flags(lora, adapter_paths),
     )
     container["volumeMounts"] = _merge_by_name(
         container.get("volumeMounts") or [], storage.volume_mounts, key="mountPath"
