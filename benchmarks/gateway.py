@@ -549,6 +549,9 @@ def run_all(args, work: Path, model_dir: str, procs: Processes, results: dict) -
         wait_ready(f"http://127.0.0.1:{port}/health")
     services.append({"name": "streams", "model": "streams", "shape": "no-scheduler",
                      "endpoints": [{"address": f"127.0.0.1:{p}"} for p in slow_ports]})
+    silent = SilentBackend()
+    services.append({"name": "silent", "model": "silent", "shape": "no-scheduler",
+                     "endpoints": [{"address": f"127.0.0.1:{silent.port}"}]})
     gateway_port, gateway = start_gateway(procs, "gateway", services, work)
     # The scheduler shape scrapes engine metrics every 50 ms; its own process keeps that
     # work out of the round-robin gateway's CPU figures.
@@ -610,6 +613,13 @@ def run_all(args, work: Path, model_dir: str, procs: Processes, results: dict) -
         runs["mini lat=0ms c=150 220KB json llmisvc"]["p50_ms"] - runs["mini lat=0ms c=150 220KB json direct"]["p50_ms"]
     )
 
+    # Client gone before the first token: time from the client's close to the upstream close.
+    delays = asyncio.run(cancel_delays(gateway_port, silent, 20))
+    print(f"upstream closed after client disconnect: p50 {statistics.median(delays):.2f} ms, "
+          f"max {max(delays):.2f} ms (20 streaming requests with 100,000-character prompts)", flush=True)
+    runs["cancel-before-first-token"] = {"p50_ms": statistics.median(delays), "max_ms": max(delays), "samples": len(delays)}
+    silent.stop()
+
     # 1,000 concurrent SSE streams through one gateway: 18 events 100 ms apart, so the
     # streams overlap; the in-flight gauge is sampled while they run.
     request = build_request("/default/streams/v1/chat/completions", model_dir, True)
@@ -617,6 +627,72 @@ def run_all(args, work: Path, model_dir: str, procs: Processes, results: dict) -
     print(f"1000 concurrent SSE streams through llmisvc: completed {completed}, errors {errors}, "
           f"peak in flight {peak:.0f}, {seconds:.2f} s", flush=True)
     runs["sse-1000"] = {"completed": completed, "errors": errors, "seconds": seconds, "peak_in_flight": peak}
+
+
+class SilentBackend:
+    """A backend in a thread that reads requests, never responds, and records when peers close."""
+
+    def __init__(self):
+        import threading
+
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self.received: list[float] = []
+        self.closed: list[float] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock):
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(1 << 20)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.closed.append(time.perf_counter())
+                sock.close()
+                return
+            data += chunk
+            if b"GET /health" in data:
+                sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                data = b""
+            elif b"\r\n\r\n" in data and len(data) > 100_000:
+                self.received.append(time.perf_counter())
+                data = b""
+
+    def stop(self):
+        self._listener.close()
+
+
+async def cancel_delays(port: int, backend: SilentBackend, count: int) -> list[float]:
+    """Return, per request, ms from the client's close to the gateway closing the upstream."""
+    body = json.dumps({"model": "silent", "prompt": "a" * 100_000, "stream": True}).encode()
+    request = b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    delays = []
+    for _ in range(count):
+        received, closed = len(backend.received), len(backend.closed)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        while len(backend.received) == received:
+            await asyncio.sleep(0.001)
+        client_closed = time.perf_counter()
+        writer.transport.abort()
+        while len(backend.closed) == closed:
+            await asyncio.sleep(0.001)
+        delays.append(1000 * (backend.closed[-1] - client_closed))
+    return delays
 
 
 async def streams_with_peak(port: int, request: bytes, count: int) -> tuple[int, int, float, float]:

@@ -271,3 +271,25 @@ def test_large_body_routed_by_scanned_model(gateway, echo):
     rejected = requests.post(gateway.url + "/v1/chat/completions", data=broken, timeout=30)
     assert rejected.status_code == 400
     assert rejected.json()["error"]["param"] == "body"
+
+
+def test_http10_stream_is_close_delimited(gateway, echo):
+    body = json.dumps({"model": "echo", "prompt": "old client", "stream": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    sock.settimeout(10)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.0\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    head, _, stream = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower()
+    assert stream.startswith(b"data: ")
+    assert stream.endswith(b"data: [DONE]\n\n")

@@ -7,6 +7,9 @@ pipelined requests wait until the previous response is finished.
 
 The connection keeps reading while a request is being handled, so a client that goes away
 is noticed at once (also before any response byte) and the request's task is cancelled.
+
+NOTE: client connections have no idle or header-read timeout, so an idle keep-alive client
+holds its file descriptor until it disconnects.
 """
 
 from __future__ import annotations
