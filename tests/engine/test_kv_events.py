@@ -54,7 +54,9 @@ def test_batch_wire_layout():
         0,
     ]
     ts, decoded, rank = decode_batch(encode_batch(events, ts=2.0))
-    assert ts == 2.0 and rank == 0 and decoded[1] == ["BlockRemoved", [11], "CPU"]
+    assert ts == 2.0
+    assert rank == 0
+    assert decoded[1] == ["BlockRemoved", [11], "CPU"]
 
 
 def test_unsigned_64_bit_hashes_survive_msgpack():

@@ -265,7 +265,9 @@ def test_metrics_parse_with_vllm_names(base, client):
     ):
         assert name in current, name
     info = [key for key in current if key.startswith("vllm:cache_config_info{")]
-    assert info and "block_size=16" in info[0] and "num_gpu_blocks=" in info[0]
+    assert len(info) == 1
+    assert "block_size=16" in info[0]
+    assert "num_gpu_blocks=" in info[0]
     assert current["vllm:generation_tokens_total{}"] >= 2
 
 

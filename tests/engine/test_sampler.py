@@ -35,7 +35,7 @@ def test_top_k_one_is_greedy_at_any_temperature():
 
 def test_top_p_keeps_only_the_nucleus():
     sampler = Sampler(0)
-    # Token 0 holds about 0.88 of the mass, so top_p 0.5 leaves only it.
+    # Token 0 has about 0.88 of the mass, so top_p 0.5 leaves only it.
     values = logits([4, 2, 0, 0, 0, 0, 0, 0])
     drawn = {sampler.sample(values, [row(top_p=0.5)]).token_ids[0] for _ in range(50)}
     assert drawn == {0}

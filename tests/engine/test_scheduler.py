@@ -1,8 +1,8 @@
 """Scheduler planning: budgets, chunked prefill, admission, prefix hits and preemption.
 
-The unit tests drive the scheduler directly and play the engine's part themselves (advance
-`num_computed_tokens`, append a token); the end-to-end test at the bottom checks preemption
-on a real engine process.
+The unit tests drive the scheduler directly and play the engine's part themselves: they
+advance `num_computed_tokens` and append a token. The end-to-end test at the bottom checks
+preemption on a real engine process.
 """
 
 import concurrent.futures

@@ -18,7 +18,7 @@ NAMES = ["smol", "smol-alias"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """An engine with an API key and two served names; records /health answers while loading."""
+    """An engine with an API key and two served names; records /health statuses while loading."""
     port = free_port()
     log = tmp_path_factory.mktemp("engine") / "engine.log"
     args = ["engine", "--port", str(port), "--served-model-name", *NAMES, "--threads", "2", "--api-key", API_KEY]

@@ -172,13 +172,15 @@ def test_usage_and_final_chunk_shapes():
         "prompt_tokens_details": {"cached_tokens": 8},
     }
     chunk = openai.chat_chunk("id", 1, "m", [], usage)
-    assert chunk["choices"] == [] and chunk["usage"]["total_tokens"] == 15
+    assert chunk["choices"] == []
+    assert chunk["usage"]["total_tokens"] == 15
     assert chunk["object"] == "chat.completion.chunk"
 
 
 def test_sse_framing_keeps_unicode():
     event = openai.sse({"text": "日本🙂"})
-    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert event.startswith(b"data: ")
+    assert event.endswith(b"\n\n")
     assert json.loads(event[6:-2].decode("utf-8")) == {"text": "日本🙂"}
     assert openai.SSE_DONE == b"data: [DONE]\n\n"
 

@@ -1,9 +1,9 @@
 """Fixed pool of KV-cache blocks with reference counts and a prefix cache.
 
 Every block is either in use (reference count > 0) or free. Free blocks wait in one LRU
-queue; a free block may still be *cached*: it holds the KV of a full block whose chained
-hash is registered, so a later prompt with the same prefix can take it back instead of
-computing it. Allocation takes the least recently freed block and, if it was cached, drops
+queue. A free block may still be *cached*, meaning it contains the KV of a full block whose
+chained hash is registered, so a later prompt with the same prefix can take it back instead
+of computing it. Allocation takes the least recently freed block and, if it was cached, drops
 its hash (a `BlockRemoved` event). Blocks freed without a hash go to the front of the queue,
 because nobody can ever reuse their content.
 """

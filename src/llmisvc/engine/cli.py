@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _StartupError(Exception):
-    """The engine could not start; the message says why."""
+    """The engine could not start; the message gives the reason."""
 
 
 async def _serve(args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """The interface between the engine core and a KV-transfer implementation.
 
-The core knows only this interface; `engine.kv_transfer.NixlConnector` implements it (NIXL
+The core uses only this interface, and `engine.kv_transfer.NixlConnector` implements it (NIXL
 or TCP transport). The flow, with vLLM NixlConnector's `kv_transfer_params` field names:
 
 - Prefill side: a request with `kv_transfer_params.do_remote_decode` that stops on the

@@ -208,7 +208,8 @@ class LLMEngine:
         capacity = self.pool.num_blocks * self.block_size
         if num_prompt_tokens + 1 > capacity:
             raise BadRequestError(
-                f"the prompt has {num_prompt_tokens} tokens but the KV cache holds at most {capacity} tokens",
+                f"the prompt has {num_prompt_tokens} tokens but the KV cache has room for {capacity} tokens; "
+                "start the engine with a larger --kv-cache-memory",
                 param=param,
             )
         left = self.max_model_len - num_prompt_tokens
@@ -494,7 +495,7 @@ class LLMEngine:
             self._finish(seq, FinishReason.ABORT, None, submission)
         logger.info("request %s aborted", request_id)
         if submission.num_finished == len(submission.seqs) and not submission.done:
-            # Nobody may be listening any more; the final output only unblocks a waiting reader.
+            # The client is usually gone. The final output only unblocks a reader still waiting.
             self._emit(submission, [])
         self._update_gauges()
 

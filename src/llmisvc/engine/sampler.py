@@ -1,8 +1,8 @@
 """Batched next-token sampling from logits, with OpenAI's and vLLM's sampling parameters.
 
-One call handles a whole step: penalties, logit bias and min-tokens masking are tensor
-operations over `[batch, vocab]`; temperature, top-k, top-p and min-p are applied row-wise
-with broadcast parameters. Random rows draw with the exponential-race trick
+One call handles a whole step. Penalties, logit bias and min-tokens masking are tensor
+operations over `[batch, vocab]`, and temperature, top-k, top-p and min-p are applied
+row-wise with broadcast parameters. Random rows draw with the exponential-race trick
 (`argmax(p / q)` with `q ~ Exp(1)`), which equals sampling from `p`; a row whose request has a
 `seed` draws `q` from its own `torch.Generator`, so its output does not depend on what else
 is in the batch. Logprobs are those of the model's raw distribution (before penalties and
@@ -23,9 +23,9 @@ _GREEDY_TEMPERATURE = 1e-5
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs to know about one sequence in the batch.
+    """One sequence's sampling inputs.
 
-    `token_ids` is the prompt followed by the generated tokens; it is only sliced when a
+    `token_ids` is the prompt followed by the generated tokens. It is only sliced when a
     penalty needs it, so building rows costs nothing per token. `generator` is the request's
     own generator when it has a seed, else None (the shared generator is used).
     `eos_token_ids` are masked while fewer than `min_tokens` are generated.

@@ -1,10 +1,10 @@
 """Continuous-batching scheduler: which sequences run in the next step, and how many tokens each.
 
 Each step has a token budget (`max_num_batched_tokens`). Running sequences that are
-decoding come first and get one token each, so a long prompt never stalls them; sequences
-still in prefill (a new prompt, or a recompute after preemption) get chunks of the remaining
-budget; waiting sequences are then admitted in arrival order while the budget, the free
-blocks and `max_num_seqs` allow, reusing prefix-cached blocks. When a running sequence
+decoding come first and get one token each, so a long prompt never stalls them. Sequences
+still in prefill (a new prompt, or a recompute after preemption) then get chunks of the
+remaining budget. Last, waiting sequences are admitted in arrival order while the budget,
+the free blocks and `max_num_seqs` allow, reusing prefix-cached blocks. When a running sequence
 needs a block and none is free, the most recently admitted unscheduled sequence is
 preempted: its blocks are freed and it returns to the front of the waiting queue to be
 recomputed later (its generated tokens are kept, so greedy output is unchanged).
@@ -168,8 +168,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            wanted = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            granted = self._grow(seq, wanted, scheduled, output)
+            requested = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            granted = self._grow(seq, requested, scheduled, output)
             if granted:
                 output.chunks.append(ScheduledChunk(seq, granted))
                 scheduled.add(seq.seq_id)
@@ -179,24 +179,24 @@ class Scheduler:
             budget = self._admit(budget, output)
         return output
 
-    def _grow(self, seq: Sequence, wanted: int, scheduled: set[int], output: SchedulerOutput) -> int:
-        """Give `seq` blocks for up to `wanted` more tokens, preempting others if needed.
+    def _grow(self, seq: Sequence, requested: int, scheduled: set[int], output: SchedulerOutput) -> int:
+        """Give `seq` blocks for up to `requested` more tokens, preempting others if needed.
 
         Returns the number of tokens granted (0 when `seq` itself was preempted). A sequence
         in prefill takes a smaller chunk before anyone is preempted for it.
         """
         while True:
             have = len(seq.block_ids)
-            target = seq.num_computed_tokens + wanted
+            target = seq.num_computed_tokens + requested
             missing = self.blocks_for(target) - have
             if missing <= self.pool.num_free_blocks:
                 if missing > 0:
                     seq.block_ids.extend(self.pool.allocate(missing))
-                return wanted
+                return requested
             if seq.in_prefill:
                 fits = (have + self.pool.num_free_blocks) * self.config.block_size - seq.num_computed_tokens
                 if fits > 0:
-                    wanted = min(wanted, fits)
+                    requested = min(requested, fits)
                     continue
             victim = self._pick_victim(scheduled)
             self._preempt(victim, output)
@@ -248,9 +248,9 @@ class Scheduler:
                 output.remote_pulls.append((seq, len(hits)))
                 continue
 
-            wanted = min(seq.num_tokens - num_cached, budget)
+            requested = min(seq.num_tokens - num_cached, budget)
             capacity = (len(hits) + free_after_hits) * size - num_cached
-            granted = min(wanted, capacity)
+            granted = min(requested, capacity)
             if granted <= 0:
                 break
             needed = self.blocks_for(num_cached + granted) - len(hits)

@@ -1,9 +1,9 @@
 """Per-request state inside the engine core: one `Sequence` per output choice.
 
 A request with `n` choices becomes `n` sequences that share a request id and a prompt. A
-sequence's `token_ids` holds the prompt followed by the generated tokens; its KV cache
-covers `token_ids[:num_computed_tokens]` and lives in the blocks listed in `block_ids`
-(block `i` holds positions `[i * block_size, (i + 1) * block_size)`).
+sequence's `token_ids` is the prompt followed by the generated tokens. Its KV cache covers
+`token_ids[:num_computed_tokens]` and lives in the blocks listed in `block_ids`, where block
+`i` contains positions `[i * block_size, (i + 1) * block_size)`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    """Why a sequence stopped, in OpenAI's `finish_reason` spelling (abort is engine-internal)."""
+    """Reason a sequence stopped, in OpenAI's `finish_reason` spelling (abort is engine-internal)."""
 
     STOP = "stop"
     LENGTH = "length"

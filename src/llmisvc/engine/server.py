@@ -46,7 +46,7 @@ _OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/ping"})
 
 @dataclass
 class ServerConfig:
-    """What the HTTP layer needs besides the engine."""
+    """Settings of the HTTP layer besides the engine."""
 
     host: str
     port: int

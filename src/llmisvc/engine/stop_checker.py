@@ -2,7 +2,7 @@
 
 A `StopChecker` receives each generated token and returns the text that may be sent to the
 client now. Stop strings are matched on the decoded text, so a stop string split across
-several tokens is still found; the matched string (and anything after it) is cut from the
+several tokens is still found. The matched string and anything after it are cut from the
 output unless `include_stop_str_in_output` is set. To make that possible while streaming,
 the last `len(longest stop string) - 1` characters are held back until they can no longer
 start a match. Characters whose UTF-8 bytes span tokens are emitted whole.

@@ -8,7 +8,7 @@ is any parameter OpenAI and vLLM do not define. Defaults follow vLLM where OpenA
 disables top-k, `stop` strings are excluded from the output.
 
 The `*_response`, `*_chunk` and `usage` builders produce the JSON objects both engines send,
-so the gateway and clients see one shape; `sse()` frames one server-sent event.
+so the gateway and clients see one shape. `sse()` frames one server-sent event.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class SamplingOptions:
 class CompletionRequest:
     """A validated `/v1/completions` request.
 
-    `prompts` holds one entry per prompt: a string or a list of token ids. A request with
+    `prompts` has one entry per prompt: a string or a list of token ids. A request with
     several prompts yields `len(prompts) * n` choices, indexed prompt-major.
     """
 
