@@ -384,3 +384,27 @@ def test_lora_rejected_on_builtin_engine():
     resource.obj["spec"]["model"]["lora"] = {"adapters": [{"name": "a", "uri": "hf://example/a"}]}
     with pytest.raises(ValueError, match="spec.model.lora"):
         render_manifests(resolve(resource), owner_uid=UID)
+
+
+def test_tracing_configures_vllm():
+    resource = load_file(HERE / "samples" / "scheduler.yaml")[0]
+    resource.obj["spec"]["tracing"] = {"exporterEndpoint": "http://otel-collector:4317",
+                                       "sampler": "parentbased_traceidratio", "samplerArg": "0.1"}
+    objects = by_key(render_manifests(resolve(resource), owner_uid=UID))
+    engine = main_container(objects[("Deployment", "qwen-chat-kserve")]["spec"]["template"]["spec"])
+    assert engine["args"][engine["args"].index("--otlp-traces-endpoint") + 1] == "http://otel-collector:4317"
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+
+
+def test_tracing_and_offloading_rejected_where_unsupported():
+    resource = load_file(HERE / "samples" / "no-scheduler.yaml")[0]
+    resource.obj["spec"]["tracing"] = {"exporterEndpoint": "http://otel-collector:4317"}
+    with pytest.raises(ValueError, match="spec.tracing"):
+        render_manifests(resolve(resource), owner_uid=UID)
+
+    resource = load_file(HERE / "samples" / "scheduler.yaml")[0]
+    resource.obj["spec"]["kvCacheOffloading"] = {"cpu": "10Gi"}
+    with pytest.raises(ValueError, match="spec.kvCacheOffloading"):
+        render_manifests(resolve(resource), owner_uid=UID)

@@ -97,6 +97,26 @@ def lora_flags(lora: dict, adapter_paths: dict[str, str]) -> list[str]:
     return flags
 
 
+def tracing_settings(tracing: dict, engine: str) -> tuple[list[str], list[dict]]:
+    """Return (vLLM flags, env entries) that send OpenTelemetry traces as `spec.tracing` asks.
+
+    Raises ValueError for tracing with an engine other than vLLM, or without an endpoint.
+    """
+    if not tracing:
+        return [], []
+    if engine != "vllm":
+        raise ValueError(f"spec.tracing: request tracing needs the vllm engine, not {engine}")
+    endpoint = tracing.get("exporterEndpoint")
+    if not endpoint:
+        raise ValueError("spec.tracing.exporterEndpoint: required to export traces")
+    env = []
+    for field, name in (("sampler", "OTEL_TRACES_SAMPLER"), ("samplerArg", "OTEL_TRACES_SAMPLER_ARG"),
+                        ("exporter", "OTEL_TRACES_EXPORTER")):
+        if tracing.get(field):
+            env.append({"name": name, "value": str(tracing[field])})
+    return ["--otlp-traces-endpoint", endpoint], env
+
+
 def engine_flags(
     engine: str,
     *,
@@ -166,6 +186,7 @@ def engine_container(
     role: str,
     options: RenderOptions,
     lora: list[str] | None = None,
+    tracing: dict | None = None,
 ) -> dict:
     """Return the `main` container for a workload pod, built on the template's container.
 
@@ -189,9 +210,13 @@ def engine_container(
         role=role,
         lora=lora,
     )
+    trace_flags, trace_env = tracing_settings(tracing or {}, engine)
+    generated += trace_flags
     if not container.get("command"):
         container["command"] = command
         container["args"] = merge_flags(generated, container.get("args") or [])
+    for entry in trace_env:
+        _set_env(container, entry["name"], {"value": entry["value"]})
 
     container["ports"] = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     _set_env(container, "POD_IP", {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})

@@ -31,6 +31,9 @@ def _merge_by_name(items: list[dict], extra: list[dict], key: str = "name") -> l
 def _pod_spec(ctx: ServiceContext, template: dict | None, role: str, port: int,
               parallelism: dict) -> dict:
     """Return the pod spec for one workload: the merged template with engine and model."""
+    if ctx.spec.get("kvCacheOffloading") is not None:
+        raise ValueError("spec.kvCacheOffloading: not supported in Kubernetes mode yet; remove it "
+                         "or pass the engine's offloading flags in the template's args")
     spec = copy.deepcopy(template or {})
     containers = spec.get("containers") or []
     main = next((c for c in containers if c.get("name") == "main"), {"name": "main"})
@@ -54,6 +57,7 @@ def _pod_spec(ctx: ServiceContext, template: dict | None, role: str, port: int,
         role=role,
         options=ctx.options,
         lora=lora_flags(lora, adapter_paths),
+        tracing=ctx.spec.get("tracing"),
     )
     container["volumeMounts"] = _merge_by_name(
         container.get("volumeMounts") or [], storage.volume_mounts, key="mountPath"
