@@ -19,12 +19,75 @@ Metric families (label `model` is the served model name):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 # Bucket bounds follow vLLM's latency histograms so dashboards can compare the two sides.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0)
+
+
+class LoopHistogram:
+    """A labelled Prometheus histogram for code that runs on one event loop thread.
+
+    prometheus_client's Histogram takes a lock and walks its buckets in Python on every
+    observation; relayed streams observe once per token, so this one keeps plain counters
+    per label set, finds the bucket with `bisect`, and builds the cumulative exposition only
+    when /metrics is scraped. It is not thread-safe.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = tuple(sorted(buckets))
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> "LoopHistogramChild":
+        """Return the child for one label set, creating it on first use."""
+        child = self._children.get(values)
+        if child is None:
+            child = LoopHistogramChild(self.bounds)
+            self._children[values] = child
+        return child
+
+    def describe(self) -> list:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> list:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self._children.items():
+            cumulative = 0
+            buckets = []
+            for bound, count in zip((*map(_bound_text, self.bounds), "+Inf"), child.counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(values), buckets, child.sum)
+        return [family]
+
+
+class LoopHistogramChild:
+    """Bucket counts and sum of one label set; `counts[i]` counts values in (bound[i-1], bound[i]]."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one value (seconds)."""
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+
+def _bound_text(bound: float) -> str:
+    return repr(float(bound))
 
 
 class GatewayMetrics:
@@ -34,26 +97,26 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("llmisvc_gateway_requests", "Finished requests by status code", ["model", "code"], registry=r)
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "llmisvc_gateway_time_to_first_token_seconds",
             "Time from request receipt to the first streamed event relayed",
             ["model"],
-            buckets=_TTFT_BUCKETS,
-            registry=r,
+            _TTFT_BUCKETS,
+            r,
         )
-        self.itl = Histogram(
+        self.itl = LoopHistogram(
             "llmisvc_gateway_inter_token_latency_seconds",
             "Gap between consecutive streamed events relayed",
             ["model"],
-            buckets=_ITL_BUCKETS,
-            registry=r,
+            _ITL_BUCKETS,
+            r,
         )
-        self.e2e = Histogram(
+        self.e2e = LoopHistogram(
             "llmisvc_gateway_e2e_request_latency_seconds",
             "Time from request receipt to the last response byte",
             ["model"],
-            buckets=_E2E_BUCKETS,
-            registry=r,
+            _E2E_BUCKETS,
+            r,
         )
         self.in_flight = Gauge("llmisvc_gateway_requests_in_flight", "Requests admitted and not finished", ["model"], registry=r)
         self.queued = Gauge("llmisvc_gateway_requests_queued", "Requests waiting for admission", ["model"], registry=r)

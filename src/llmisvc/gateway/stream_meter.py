@@ -69,6 +69,11 @@ class StreamMeter:
         if self._pending:
             data = self._pending + data
             self._pending = b""
+        if data.endswith(b"\n\n"):
+            # The usual case: the read ended on an event boundary, so nothing waits.
+            if b'"usage"' in data:
+                self._parse_usage_events(data)
+            return
         end = data.rfind(b"\n\n")
         if end < 0:
             end = data.rfind(b"\r\n\r\n")
