@@ -293,3 +293,26 @@ def test_http10_stream_is_close_delimited(gateway, echo):
     assert b"connection: close" in head.lower()
     assert stream.startswith(b"data: ")
     assert stream.endswith(b"data: [DONE]\n\n")
+
+
+def test_config_file_and_port_from_env(tmp_path, echo):
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "services:\n"
+        "  - name: from-file\n"
+        "    namespace: team\n"
+        "    model: echo\n"
+        "    shape: no-scheduler\n"
+        f"    endpoints: [{{address: '{echo.addresses[0]}'}}]\n"
+    )
+    process = start(["gateway", "--config", str(config)], tmp_path / "config-gateway.log", env={"LLMISVC_GATEWAY_PORT": str(port)})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=30, process=process)
+        response = requests.post(f"http://127.0.0.1:{port}/team/from-file/v1/completions", json={"model": "echo", "prompt": "file"}, timeout=10)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["text"] == "file"
+    finally:
+        stop(process)
+    log = (tmp_path / "config-gateway.log").read_text()
+    assert "open-file limit is" in log
