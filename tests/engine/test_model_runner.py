@@ -185,6 +185,15 @@ def test_invalid_step_is_rejected(runner, entry, message):
         runner.execute([entry])
 
 
+def test_rejected_step_admits_nothing(runner):
+    valid = StepInput("valid-first", [1, 2], 0, [0])
+    with pytest.raises(ValueError, match="same seq_id"):
+        runner.execute([valid, StepInput("valid-first", [3], 2, [0])])
+    with pytest.raises(ValueError, match="block table"):
+        runner.execute([valid, StepInput("invalid-second", [1] * 20, 0, [1])])
+    assert runner.num_running == 0
+
+
 def test_start_pos_beyond_computed_is_rejected(runner):
     runner.execute([StepInput("gap", [1, 2, 3], 0, [0])])
     with pytest.raises(ValueError, match="skips past"):

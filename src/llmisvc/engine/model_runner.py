@@ -135,12 +135,20 @@ class ModelRunner:
         """
         if not inputs:
             raise ValueError("execute() needs at least one StepInput")
-        # no_grad rather than inference_mode: the logits and the KV buffers stay ordinary
-        # tensors that callers (samplers) may modify in place without a copy.
+        # The output is allocated outside inference mode, so it is an ordinary tensor that
+        # callers (samplers) may modify in place, without copying the logits a second time.
         with torch.no_grad():
-            return self._execute(inputs)
+            logits = torch.empty((len(inputs), self.config.vocab_size), dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            self._execute(inputs, logits)
+        return logits.cpu() if logits.device.type != "cpu" else logits
 
-    def _execute(self, inputs: list[StepInput]) -> torch.Tensor:
+    def _execute(self, inputs: list[StepInput], logits: torch.Tensor) -> None:
+        # Validate every entry before admitting any, so a rejected step changes nothing.
+        if len({entry.seq_id for entry in inputs}) != len(inputs):
+            raise ValueError("execute() got the same seq_id twice in one step")
+        for entry in inputs:
+            self._validate(entry)
         states = [self._prepare(entry) for entry in inputs]
 
         # Single-token entries go first as one padded decode batch, ordered by slot so that
@@ -167,20 +175,19 @@ class ModelRunner:
 
         batch = self._attention_batch(decode_order, inputs, states, prefills)
         device = self.device
-        logits = self.model.forward(
+        self.model.forward(
             torch.tensor(token_ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
             batch,
             self.kv,
             torch.tensor(logit_rows, dtype=torch.long, device=device),
+            logits,
         )
 
         for entry, state in zip(inputs, states):
             self._finish_step(entry, state)
-        return logits.cpu() if logits.device.type != "cpu" else logits
 
-    def _prepare(self, entry: StepInput) -> _SequenceState:
-        """Validate one entry, admitting its sequence (and loading its cached prefix) if new."""
+    def _validate(self, entry: StepInput) -> None:
         count = len(entry.token_ids)
         end = entry.start_pos + count
         if count == 0:
@@ -191,7 +198,15 @@ class ModelRunner:
             raise ValueError(
                 f"sequence {entry.seq_id!r}: block table of {len(entry.block_table)} blocks cannot hold {end} positions"
             )
+        state = self._sequences.get(entry.seq_id)
+        if state is not None and entry.start_pos > state.num_computed:
+            raise ValueError(
+                f"sequence {entry.seq_id!r}: start_pos {entry.start_pos} skips past {state.num_computed} computed tokens"
+            )
 
+    def _prepare(self, entry: StepInput) -> _SequenceState:
+        """Admit a new sequence (loading its cached prefix) or rewind a known one to `start_pos`."""
+        end = entry.start_pos + len(entry.token_ids)
         state = self._sequences.get(entry.seq_id)
         if state is None:
             slot = self.kv.add_sequence(entry.seq_id)
@@ -199,10 +214,6 @@ class ModelRunner:
             self._sequences[entry.seq_id] = state
             self.kv.load_prefix(slot, entry.block_table, entry.start_pos)
             state.num_computed = entry.start_pos
-        elif entry.start_pos > state.num_computed:
-            raise ValueError(
-                f"sequence {entry.seq_id!r}: start_pos {entry.start_pos} skips past {state.num_computed} computed tokens"
-            )
         else:
             # start_pos below num_computed rewinds: later positions are recomputed.
             state.num_computed = entry.start_pos
@@ -268,7 +279,7 @@ class ModelRunner:
 
     # -- sequence lifecycle and transfer --------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def free_sequence(self, seq_id: str) -> None:
         """Release a finished or preempted sequence's working slot.
 
@@ -290,10 +301,12 @@ class ModelRunner:
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Return a CPU copy of pool blocks, `[n, layers, 2, block_size, kv_heads, head_dim]`."""
-        with torch.no_grad():
-            return self.kv.export_blocks(block_ids).cpu()
+        with torch.inference_mode():
+            blocks = self.kv.export_blocks(block_ids).cpu()
+        # Cloning outside inference mode yields an ordinary tensor the caller may modify.
+        return blocks.clone()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def import_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
         """Write blocks received by KV transfer into the pool (the layout `export_blocks` returns)."""
         self.kv.import_blocks(block_ids, blocks)

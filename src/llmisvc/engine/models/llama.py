@@ -180,8 +180,9 @@ class LlamaModel:
         batch: AttentionBatch,
         kv: KVCache,
         logit_rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run one step and return float32 logits `[len(logit_rows), vocab]`.
+        out: torch.Tensor,
+    ) -> None:
+        """Run one step and write float32 logits `[len(logit_rows), vocab]` into `out`.
 
         `token_ids` and `positions` are `[tokens]`, ordered as `batch` describes; K/V of
         every token is written to its slot. `logit_rows` selects the rows whose next-token
@@ -210,7 +211,7 @@ class LlamaModel:
             hidden = hidden + layer["down"](F.silu(gate) * up)
 
         last = self._rms_norm(hidden.index_select(0, logit_rows), self.norm)
-        return self.lm_head(last).float()
+        out.copy_(self.lm_head(last))
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the run dtype, as the Hugging Face reference does.
