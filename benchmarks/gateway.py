@@ -13,7 +13,7 @@ Backends:
 - `llmisvc sim --echo` replicas (the project's simulator), used for direct and llmisvc runs.
 - A minimal echo backend in this file, used for every target in the router comparison:
   both routers add an SGLang field (`no_stop_trim`) to each request, which the simulator
-  rejects as unknown, so the ratios come from this backend. It also answers
+  rejects as unknown, so the ratios come from this backend. It also responds to
   `/get_model_info` with a local directory holding a `tokenizer.json`, so sglang-router
   loads that instead of downloading a tokenizer at start-up.
 

@@ -146,7 +146,7 @@ def scrape(url: str, name: str, **labels: str) -> float:
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
-    """Poll `condition` until it holds or `timeout` seconds pass; return whether it held."""
+    """Poll `condition` until it is true or `timeout` seconds pass; return its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -173,7 +173,7 @@ class RecordedRequest:
 
 @dataclass
 class BackendConnection:
-    """The socket of one request the script answers, with helpers to write raw bytes."""
+    """The socket of one request the script responds to, with helpers to write raw bytes."""
 
     sock: socket.socket
     request: RecordedRequest
