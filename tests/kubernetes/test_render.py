@@ -174,7 +174,9 @@ def test_pd_decode_pod_runs_sidecar():
     assert engine["args"][engine["args"].index("--port") + 1] == "8001"
     assert pod["serviceAccountName"] == "llama-pd-kserve"
     role = objects[("Role", "llama-pd-kserve-role")]
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"][0] == {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    assert role["rules"][1]["resources"] == ["inferencepools"]
+    assert "inference.networking.k8s.io" in role["rules"][1]["apiGroups"]
     binding = objects[("RoleBinding", "llama-pd-kserve-rb")]
     assert binding["subjects"][0]["name"] == "llama-pd-kserve"
     assert binding["roleRef"]["name"] == "llama-pd-kserve-role"

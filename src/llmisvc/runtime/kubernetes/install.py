@@ -30,6 +30,7 @@ OPERATOR_RULES = [
     {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"], "verbs": _WRITE},
     {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways"], "verbs": _READ},
     {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": _WRITE},
+    {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferencepools"], "verbs": _READ},
     {"apiGroups": ["leaderworkerset.x-k8s.io"], "resources": ["leaderworkersets"], "verbs": _WRITE},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": _READ},
 ]

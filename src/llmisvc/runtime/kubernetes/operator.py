@@ -88,7 +88,7 @@ class OperatorState:
                 self._again.discard(key)
                 try:
                     await self.reconciler.reconcile(*key)
-                except SpecError as error:
+                except (SpecError, ValueError) as error:
                     logger.warning("invalid spec for %s/%s: %s", *key, error)
                 except (ApiError, OSError, asyncio.TimeoutError) as error:
                     logger.warning("reconcile of %s/%s failed: %s", *key, error)
@@ -141,7 +141,7 @@ class OperatorState:
 async def _reconcile_handler(state: OperatorState, namespace: str, name: str) -> None:
     try:
         await state.reconciler.reconcile(namespace, name)
-    except SpecError as error:
+    except (SpecError, ValueError) as error:
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     except (ApiError, OSError, asyncio.TimeoutError) as error:
         raise kopf.TemporaryError(str(error), delay=RETRY_DELAY_SECONDS) from error

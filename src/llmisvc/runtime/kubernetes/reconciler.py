@@ -158,7 +158,7 @@ class Reconciler:
         """Return (conditions, url, addresses) read from the children on the API server."""
         if is_stopped(ctx.annotations):
             types = ["MainWorkloadReady"] + (["PrefillWorkloadReady"] if ctx.spec.get("prefill") is not None else [])
-            if ctx.spec.get("router", {}).get("route") is not None:
+            if (ctx.spec.get("router") or {}).get("route") is not None:
                 types += ["GatewaysReady", "HTTPRoutesReady"]
             if has_scheduler(ctx):
                 types += ["SchedulerWorkloadReady"]

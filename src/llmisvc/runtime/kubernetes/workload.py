@@ -211,7 +211,11 @@ def _hpa(ctx: ServiceContext, target: dict, scaling: dict) -> dict:
 
 
 def _sidecar_rbac(ctx: ServiceContext) -> list[dict]:
-    """Return the decode pod's ServiceAccount, Role (read pods) and RoleBinding."""
+    """Return the decode pod's ServiceAccount, Role and RoleBinding.
+
+    The sidecar reads the InferencePool's selector and the pods it selects, to accept only
+    prefill hosts of this service's pool.
+    """
     labels = n.base_labels(ctx.name, n.WORKLOAD_COMPONENT)
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount",
@@ -220,7 +224,11 @@ def _sidecar_rbac(ctx: ServiceContext) -> list[dict]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": ctx.metadata(ctx.names.workload_role, labels),
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["inference.networking.k8s.io", "inference.networking.x-k8s.io"],
+                 "resources": ["inferencepools"], "verbs": ["get", "list", "watch"]},
+            ],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
