@@ -211,6 +211,9 @@ def test_control_in_foreground(env, tmp_path):
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", timeout=60, process=control)
+        deadline = time.monotonic() + 30
+        while not (home / "control.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert (home / "control.sock").stat().st_mode & 0o777 == 0o600
         assert home.stat().st_mode & 0o777 == 0o700
 
