@@ -284,3 +284,14 @@ def test_config_change_reconciles_services(cluster):
     server.patch(SERVICE_API, "LLMInferenceServiceConfig", "llmisvc-system", "team-defaults",
                  {"spec": {"template": {"containers": [{"name": "main", "env": [{"name": "TEAM", "value": "b"}]}]}}})
     assert wait_for(lambda: team_env() == "b", "the config change to reach the Deployment")
+
+
+def test_missing_crd_reported_in_status(cluster):
+    server = cluster
+    # The double serves no LeaderWorkerSet kind, as a cluster without its controller.
+    server.create(sample("dp-worker", "lws-a"))
+
+    ready = wait_for(lambda: (c := condition(server, "lws-a", "Ready")) and
+                     c.get("reason") == "ReconcileError" and c, "Ready reason ReconcileError")
+    assert "LeaderWorkerSet llm/lws-a-kserve-mn" in ready["message"]
+    assert "404" in ready["message"]

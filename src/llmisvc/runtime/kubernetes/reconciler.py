@@ -126,7 +126,14 @@ class Reconciler:
             raise
 
         for obj in desired:
-            await self.client.apply(obj)
+            try:
+                await self.client.apply(obj)
+            except ApiError as error:
+                # A 404 here usually means the kind's CRD (LeaderWorkerSet, Gateway API) is
+                # not installed; the message names the object so the user can tell.
+                message = f"applying {obj['kind']} {namespace}/{obj['metadata']['name']} failed: {error}"
+                await self._write_status(service, [st.Condition("Ready", "False", "ReconcileError", message)])
+                raise
         await self.prune(namespace, name, uid, desired)
         logger.info("reconciled %s/%s: %d children applied", namespace, name, len(desired))
 
