@@ -267,6 +267,48 @@ INVALID = [
      "spec.scaling.wva.variantCost", "must match"),
     ("cpu as float", _with("spec.template", {"containers": [{"name": "main", "resources": {"limits": {"cpu": 0.5}}}]}),
      "spec.template.containers[0].resources.limits[cpu]", 'quantity string such as "500m"'),
+    ("scaling without wva", _with("spec.scaling", {"maxReplicas": 2}), "spec.scaling.wva", "is required"),
+    ("scaling hpa and keda", _with("spec.scaling", {"maxReplicas": 2, "wva": {"hpa": {}, "keda": {}}}),
+     "spec.scaling.wva", "either hpa or keda"),
+    ("keda idle not below min", _with("spec.scaling", {"minReplicas": 2, "maxReplicas": 4, "wva": {
+        "keda": {"idleReplicaCount": 2}}}), "spec.scaling.wva.keda.idleReplicaCount", "must be < minReplicas (2)"),
+    ("picker service without port", _with("spec.router", {"scheduler": {"pool": {"spec": {
+        "selector": {"matchLabels": {"a": "b"}}, "targetPorts": [{"number": 8000}], "endpointPickerRef": {"name": "e"}}}}}),
+     "spec.router.scheduler.pool.spec.endpointPickerRef.port", "required when kind is Service"),
+    ("duplicate target ports", _with("spec.router", {"scheduler": {"pool": {"spec": {
+        "selector": {"matchLabels": {"a": "b"}}, "targetPorts": [{"number": 8000}, {"number": 8000}],
+        "endpointPickerRef": {"name": "e", "port": {"number": 9002}}}}}}),
+     "spec.router.scheduler.pool.spec.targetPorts", "must be unique"),
+    ("route backend service without port", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"backendRefs": [{"name": "svc"}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].backendRefs[0].port", "required for a Service reference"),
+    ("route path not absolute", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"matches": [{"path": {"type": "PathPrefix", "value": "v1"}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].matches[0].path.value", "absolute path"),
+    ("route path double slash", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"matches": [{"path": {"value": "/a//b"}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].matches[0].path.value", "must not contain '//'"),
+    ("route filter field mismatch", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"filters": [{"type": "RequestHeaderModifier", "urlRewrite": {"hostname": "a"}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].filters[0].urlRewrite", "must be unset unless type is URLRewrite"),
+    ("route filter repeated", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"filters": [{"type": "CORS", "cors": {}}, {"type": "CORS", "cors": {}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].filters", "CORS filter must not be repeated"),
+    ("route redirect and rewrite", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"filters": [{"type": "RequestRedirect", "requestRedirect": {}}, {"type": "URLRewrite", "urlRewrite": {}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].filters", "either a RequestRedirect or a URLRewrite"),
+    ("route prefix rewrite needs one prefix match", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"matches": [{"path": {"type": "Exact", "value": "/a"}}],
+         "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch",
+                                                                     "replacePrefixMatch": "/"}}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].matches", "exactly one match, of type PathPrefix"),
+    ("route backend timeout above request", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"timeouts": {"request": "10s", "backendRequest": "1m"}}]}}}}),
+     "spec.router.route.http.spec.rules[0].timeouts.backendRequest", "must not be longer than request"),
+    ("route mirror fraction", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "m", "port": 80},
+                                                                  "fraction": {"numerator": 5, "denominator": 2}}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].filters[0].requestMirror.fraction.numerator", "must be <= denominator"),
     ("wrong apiVersion", _with("apiVersion", "serving.kserve.io/v1beta1"), "apiVersion", "must be"),
     ("wrong kind", _with("kind", "InferenceService"), "kind", "must be LLMInferenceService"),
     ("spec not an object", _with("spec", ["a"]), "spec", "must be object, got list"),
@@ -325,3 +367,23 @@ spec:
     with pytest.raises(SpecError) as info:
         load_documents(text)
     assert [e.path for e in info.value.errors] == ["defaults"]
+
+
+TEMPLATED_ROUTE = {"route": {"http": {"spec": {"rules": [
+    {"matches": [{"path": {"type": "PathPrefix", "value": "/{{ .ObjectMeta.Name }}"}}]}]}}}}
+
+
+def test_v1alpha2_config_may_template_route_paths():
+    (resource,) = load_documents(dump(config("templated", router=TEMPLATED_ROUTE)))
+    assert resource.kind == "LLMInferenceServiceConfig"
+
+
+def test_service_route_paths_checked():
+    with pytest.raises(SpecError) as info:
+        load_documents(dump(minimal_service(router=TEMPLATED_ROUTE)))
+    assert info.value.errors[0].path == "spec.router.route.http.spec.rules[0].matches[0].path.value"
+
+
+def test_v1alpha1_config_route_paths_checked():
+    with pytest.raises(SpecError):
+        load_documents(dump(config("templated", version="v1alpha1", router=TEMPLATED_ROUTE)))

@@ -11,6 +11,7 @@ from typing import Any as AnyValue
 
 from llmisvc.api.errors import FieldError
 from llmisvc.api.quantity import parse_quantity
+from llmisvc.api.route_rules import check_http_route
 from llmisvc.api.uri import check_model_uri
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -81,8 +82,12 @@ def check_labels(labels: AnyValue, path: str, errors: list[FieldError]) -> None:
                                                       "alphanumerics, '-', '_' or '.'"))
 
 
-def check_spec(spec: dict, errors: list[FieldError]) -> None:
-    """Check the cross-field rules of an LLMInferenceService (or config) spec."""
+def check_spec(spec: dict, errors: list[FieldError], check_route_paths: bool = True) -> None:
+    """Check the cross-field rules of an LLMInferenceService (or config) spec.
+
+    `check_route_paths` False skips the HTTPRoute path rules that KServe's v1alpha2 config
+    CRD leaves out (see `route_rules.check_http_route`).
+    """
     model = _dict(spec.get("model"))
     uri = model.get("uri")
     if isinstance(uri, str):
@@ -96,7 +101,7 @@ def check_spec(spec: dict, errors: list[FieldError]) -> None:
     if isinstance(spec.get("prefill"), dict):
         _check_workload(spec["prefill"], "spec.prefill", errors)
 
-    _check_router(_dict(spec.get("router")), errors)
+    _check_router(_dict(spec.get("router")), errors, check_route_paths)
     _check_base_refs(spec.get("baseRefs"), errors)
     for key in ("labels",):
         check_labels(spec.get(key), f"spec.{key}", errors)
@@ -106,10 +111,8 @@ def _check_workload(workload: dict, path: str, errors: list[FieldError]) -> None
     if "scaling" in workload and "replicas" in workload:
         errors.append(FieldError(f"{path}.scaling", f"must not be set together with {path}.replicas: "
                                                     "use replicas for a fixed count or scaling for autoscaling"))
-    scaling = _dict(workload.get("scaling"))
-    low, high = scaling.get("minReplicas"), scaling.get("maxReplicas")
-    if isinstance(low, int) and isinstance(high, int) and low > high:
-        errors.append(FieldError(f"{path}.scaling.minReplicas", f"must be <= maxReplicas ({high}), got {low}"))
+    if isinstance(workload.get("scaling"), dict):
+        _check_scaling(workload["scaling"], f"{path}.scaling", errors)
 
     parallelism = _dict(workload.get("parallelism"))
     data, local = parallelism.get("data"), parallelism.get("dataLocal")
@@ -129,7 +132,48 @@ def _check_workload(workload: dict, path: str, errors: list[FieldError]) -> None
             check_pod_spec(workload[pod_key], f"{path}.{pod_key}", errors)
 
 
-def _check_router(router: dict, errors: list[FieldError]) -> None:
+def _check_scaling(scaling: dict, path: str, errors: list[FieldError]) -> None:
+    low, high = scaling.get("minReplicas"), scaling.get("maxReplicas")
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        errors.append(FieldError(f"{path}.minReplicas", f"must be <= maxReplicas ({high}), got {low}"))
+    if "wva" not in scaling:
+        errors.append(FieldError(f"{path}.wva", "is required when scaling is set: it selects the autoscaler"))
+        return
+    wva = _dict(scaling["wva"])
+    if "hpa" in wva and "keda" in wva:
+        errors.append(FieldError(f"{path}.wva", "set either hpa or keda, not both"))
+    elif "hpa" not in wva and "keda" not in wva:
+        errors.append(FieldError(f"{path}.wva", "must set hpa or keda as the autoscaler backend"))
+
+    keda = _dict(wva.get("keda"))
+    idle = keda.get("idleReplicaCount")
+    if idle is not None and low is None:
+        errors.append(FieldError(f"{path}.minReplicas", "is required when wva.keda.idleReplicaCount is set"))
+    elif isinstance(idle, int) and isinstance(low, int) and idle >= low:
+        errors.append(FieldError(f"{path}.wva.keda.idleReplicaCount",
+                                 f"must be < minReplicas ({low}), got {idle}"))
+    advanced = _dict(keda.get("advanced"))
+    modifiers = _dict(advanced.get("scalingModifiers"))
+    if any(modifiers.get(key) for key in ("formula", "target", "activationTarget", "metricType")):
+        errors.append(FieldError(f"{path}.wva.keda.advanced.scalingModifiers",
+                                 "must not be set: the autoscaler controls the scaling formula"))
+    if _dict(advanced.get("horizontalPodAutoscalerConfig")).get("name"):
+        errors.append(FieldError(f"{path}.wva.keda.advanced.horizontalPodAutoscalerConfig.name",
+                                 "must not be set: the controller names the HorizontalPodAutoscaler"))
+
+
+def _check_pool_spec(pool_spec: dict, errors: list[FieldError]) -> None:
+    path = "spec.router.scheduler.pool.spec"
+    picker = _dict(pool_spec.get("endpointPickerRef"))
+    if picker and picker.get("kind", "Service") == "Service" and "port" not in picker:
+        errors.append(FieldError(f"{path}.endpointPickerRef.port", "is required when kind is Service"))
+    numbers = [_dict(p).get("number") for p in _list(pool_spec.get("targetPorts"))]
+    duplicates = sorted({n for n in numbers if isinstance(n, int) and numbers.count(n) > 1})
+    if duplicates:
+        errors.append(FieldError(f"{path}.targetPorts", f"port numbers must be unique, got {duplicates} twice"))
+
+
+def _check_router(router: dict, errors: list[FieldError], check_route_paths: bool) -> None:
     scheduler = _dict(router.get("scheduler"))
     pool = _dict(scheduler.get("pool"))
     if "spec" in pool and "ref" in pool:
@@ -138,10 +182,14 @@ def _check_router(router: dict, errors: list[FieldError]) -> None:
     config = _dict(scheduler.get("config"))
     if "inline" in config and "ref" in config:
         errors.append(FieldError("spec.router.scheduler.config", "set either inline or ref, not both"))
+    if isinstance(pool.get("spec"), dict):
+        _check_pool_spec(pool["spec"], errors)
     http = _dict(_dict(router.get("route")).get("http"))
     if "spec" in http and "refs" in http:
         errors.append(FieldError("spec.router.route.http", "set either spec (a managed HTTPRoute) or "
                                                            "refs (existing ones), not both"))
+    if isinstance(http.get("spec"), dict):
+        check_http_route(http["spec"], "spec.router.route.http.spec", errors, check_route_paths)
     for key in ("labels",):
         check_labels(scheduler.get(key), f"spec.router.scheduler.{key}", errors)
     if isinstance(scheduler.get("template"), dict):
