@@ -5,10 +5,10 @@ the spec no longer needs, the stop annotation, delete with finalizer, and status
 Deployment, HTTPRoute and Gateway conditions. A watch reconnect during which a child is
 deleted without a DELETED event is covered too.
 
-Not covered without a real cluster: pods actually starting (no controllers run, so the tests
-write Deployment, HTTPRoute and Gateway status themselves), admission and schema validation
-by the API server, server-side apply field-manager conflicts, RBAC of the operator's service
-account, and garbage collection timing.
+Not covered without a real cluster: pods actually starting, because no controllers run and
+the tests write Deployment, HTTPRoute and Gateway status themselves. Also not covered:
+admission and schema validation by the API server, server-side apply field-manager
+conflicts, RBAC of the operator's service account, and garbage collection timing.
 """
 
 from __future__ import annotations

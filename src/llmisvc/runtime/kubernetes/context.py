@@ -12,9 +12,9 @@ from llmisvc.runtime.kubernetes.options import RenderOptions
 class ServiceContext:
     """One LLMInferenceService as input to rendering.
 
-    `spec` is the merged, template-rendered spec; `uid` is the service's UID on the cluster,
-    or None when rendering a file, in which case children carry no owner reference (a made-up
-    UID would make the garbage collector delete them as orphans).
+    `spec` is the merged, template-rendered spec. `uid` is the service's UID on the cluster, or
+    None when rendering a file. Without it children carry no owner reference, because a
+    made-up UID would make the garbage collector delete them as orphans.
     """
 
     name: str

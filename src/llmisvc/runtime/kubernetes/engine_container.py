@@ -98,7 +98,7 @@ def lora_flags(lora: dict, adapter_paths: dict[str, str]) -> list[str]:
 
 
 def tracing_settings(tracing: dict, engine: str) -> tuple[list[str], list[dict]]:
-    """Return (vLLM flags, env entries) that send OpenTelemetry traces as `spec.tracing` asks.
+    """Return (vLLM flags, env entries) that export OpenTelemetry traces per `spec.tracing`.
 
     Raises ValueError for tracing with an engine other than vLLM, or without an endpoint.
     """

@@ -19,8 +19,8 @@ WORKER_PREFILL_COMPONENT = "llminferenceservice-workload-worker-prefill"
 
 ROLE_LABEL = "llm-d.ai/role"
 STOP_ANNOTATION = "serving.kserve.io/stop"
-# Set on every child the operator applies, so children the spec no longer needs can be
-# listed and deleted; the label value is the owning service's name.
+# Set to `llmisvc` on every child the operator applies. Together with the service's
+# `app.kubernetes.io/name` label it finds the children the spec no longer needs.
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "llmisvc"
 

@@ -14,7 +14,7 @@ VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 # KServe's model downloader for hf:// and s3:// URIs, the release whose CRDs llmisvc accepts.
 STORAGE_INITIALIZER_IMAGE = "kserve/storage-initializer:v0.20.0"
 
-# Where KServe's controller attaches routes when `router.gateway` names no Gateway.
+# The Gateway that KServe's controller attaches routes to when `router.gateway` names none.
 DEFAULT_GATEWAY_NAME = "kserve-ingress-gateway"
 DEFAULT_GATEWAY_NAMESPACE = "kserve"
 
