@@ -185,10 +185,21 @@ INVALID = [
     ("container without name", _with("spec.template", {"containers": [{"image": "x"}]}),
      "spec.template.containers[0].name", "required"),
     ("duplicate container names", _with("spec.template", {"containers": [MAIN, MAIN]}),
-     "spec.template.containers[1].name", "duplicate container name"),
+     "spec.template.containers[1].name", "duplicate name 'main' (also at index 0)"),
+    ("container name in two lists", _with("spec.template", {"containers": [MAIN], "initContainers": [MAIN]}),
+     "spec.template.initContainers[0].name", "duplicate container name 'main'"),
+    ("duplicate env name", _with("spec.template", {"containers": [{"name": "main", "env": [
+        {"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}]}),
+     "spec.template.containers[0].env[1].name", "duplicate name 'A'"),
+    ("duplicate port with default protocol", _with("spec.template", {"containers": [{"name": "main", "ports": [
+        {"containerPort": 8000}, {"containerPort": 8000, "protocol": "TCP"}]}]}),
+     "spec.template.containers[0].ports[1]", "duplicate containerPort 8000 protocol 'TCP'"),
+    ("duplicate header to remove", _with("spec.router", {"route": {"http": {"spec": {"rules": [
+        {"filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": ["x-a", "x-a"]}}]}]}}}}),
+     "spec.router.route.http.spec.rules[0].filters[0].requestHeaderModifier.remove[1]", "duplicate value"),
     ("duplicate volume names", _with("spec.template", {"volumes": [{"name": "v", "emptyDir": {}},
                                                                     {"name": "v", "emptyDir": {}}]}),
-     "spec.template.volumes[1].name", "duplicate volume name"),
+     "spec.template.volumes[1].name", "duplicate name 'v'"),
     ("volume with two sources", _with("spec.template", {"volumes": [{"name": "v", "emptyDir": {},
                                                                      "hostPath": {"path": "/x"}}]}),
      "spec.template.volumes[0]", "one volume source"),

@@ -164,3 +164,16 @@ def test_defaults_equal_crd(crds, kind, version):
         if ("default" in crd) != node.has_default or crd.get("default") != (node.default if node.has_default else None):
             mismatched.append((path, crd.get("default"), node.default))
     assert mismatched == []
+
+
+@pytest.mark.parametrize("kind,version", CASES)
+def test_list_types_equal_crd(crds, kind, version):
+    ours, theirs = _ours(kind, version), crds[(kind, version)]
+    mismatched = []
+    for path, node in ours.items():
+        crd = theirs.get(path, {})
+        list_type = crd.get("x-kubernetes-list-type", "")
+        expected = (list_type if list_type in ("map", "set") else "", tuple(crd.get("x-kubernetes-list-map-keys") or ()))
+        if expected != (node.list_type, node.list_keys):
+            mismatched.append((path, expected, (node.list_type, node.list_keys)))
+    assert mismatched == []

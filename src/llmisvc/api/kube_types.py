@@ -153,7 +153,7 @@ LifecycleHandler = obj(
 ResourceRequirements = obj(
     "ResourceRequirements",
     "Compute resources. Locally, nvidia.com/gpu claims CUDA devices and cpu bounds threads.",
-    claims=array(obj("ResourceClaim", required=("name",), name=Str, request=Str)),
+    claims=array(obj("ResourceClaim", required=("name",), name=Str, request=Str)).keyed("name"),
     limits=ResourceList,
     requests=ResourceList,
 )
@@ -206,14 +206,14 @@ Container = obj(
     args=Strs.doc("Arguments; they extend the engine flags generated from structured fields. "
                   "A later layer replaces the list whole."),
     command=Strs.doc("Entrypoint; a later layer replaces the list whole."),
-    env=array(EnvVar, "Environment variables, merged by name across layers."),
+    env=array(EnvVar, "Environment variables, merged by name across layers.").keyed("name"),
     envFrom=array(EnvFromSource),
     image=Str.doc("Container image (Kubernetes); the local runtime runs llmisvc's own engine and ignores it."),
     imagePullPolicy=Str,
     lifecycle=obj("Lifecycle", postStart=LifecycleHandler, preStop=LifecycleHandler, stopSignal=Str),
     livenessProbe=Probe,
     name=Str.doc("Container name; merge key for containers."),
-    ports=array(ContainerPort, "Ports, merged by containerPort across layers."),
+    ports=array(ContainerPort, "Ports, merged by containerPort across layers.").keyed("containerPort", "protocol"),
     readinessProbe=Probe,
     resizePolicy=array(obj(
         "ContainerResizePolicy", required=("resourceName", "restartPolicy"), resourceName=Str, restartPolicy=Str,
@@ -225,7 +225,7 @@ Container = obj(
         required=("action",),
         action=Str,
         exitCodes=obj("ContainerRestartRuleOnExitCodes", required=("operator",), operator=Str,
-                      values=array(Int)),
+                      values=array(Int).unique()),
     )),
     securityContext=SecurityContext,
     startupProbe=Probe,
@@ -234,8 +234,8 @@ Container = obj(
     terminationMessagePath=Str,
     terminationMessagePolicy=Str,
     tty=Bool,
-    volumeDevices=array(obj("VolumeDevice", required=("devicePath", "name"), devicePath=Str, name=Str)),
-    volumeMounts=array(VolumeMount, "Volume mounts, merged by mountPath across layers."),
+    volumeDevices=array(obj("VolumeDevice", required=("devicePath", "name"), devicePath=Str, name=Str)).keyed("devicePath"),
+    volumeMounts=array(VolumeMount, "Volume mounts, merged by mountPath across layers.").keyed("mountPath"),
     workingDir=Str,
 )
 EphemeralContainer = Container.extended(targetContainerName=Str).doc("A debugging container.").named("EphemeralContainer")
@@ -417,22 +417,22 @@ PodSpec = obj(
     activeDeadlineSeconds=Int64,
     affinity=Affinity,
     automountServiceAccountToken=Bool,
-    containers=array(Container, "Containers, merged by name across layers; `main` is the model server."),
+    containers=array(Container, "Containers, merged by name across layers; `main` is the model server.").keyed("name"),
     dnsConfig=obj(
         "PodDNSConfig", nameservers=Strs, options=array(obj("PodDNSConfigOption", name=Str, value=Str)), searches=Strs,
     ),
     dnsPolicy=Str,
     enableServiceLinks=Bool,
-    ephemeralContainers=array(EphemeralContainer),
-    hostAliases=array(obj("HostAlias", required=("ip",), hostnames=Strs, ip=Str)),
+    ephemeralContainers=array(EphemeralContainer).keyed("name"),
+    hostAliases=array(obj("HostAlias", required=("ip",), hostnames=Strs, ip=Str)).keyed("ip"),
     hostIPC=Bool,
     hostNetwork=Bool,
     hostPID=Bool,
     hostUsers=Bool,
     hostname=Str,
     hostnameOverride=Str,
-    imagePullSecrets=array(LocalObjectReference),
-    initContainers=array(Container, "Init containers, merged by name across layers."),
+    imagePullSecrets=array(LocalObjectReference).keyed("name"),
+    initContainers=array(Container, "Init containers, merged by name across layers.").keyed("name"),
     nodeName=Str,
     nodeSelector=Labels,
     os=obj("PodOS", required=("name",), name=Str),
@@ -443,12 +443,12 @@ PodSpec = obj(
     readinessGates=array(obj("PodReadinessGate", required=("conditionType",), conditionType=Str)),
     resourceClaims=array(obj(
         "PodResourceClaim", required=("name",), name=Str, resourceClaimName=Str, resourceClaimTemplateName=Str,
-    )),
+    )).keyed("name"),
     resources=ResourceRequirements,
     restartPolicy=Str,
     runtimeClassName=Str,
     schedulerName=Str,
-    schedulingGates=array(obj("PodSchedulingGate", required=("name",), name=Str)),
+    schedulingGates=array(obj("PodSchedulingGate", required=("name",), name=Str)).keyed("name"),
     securityContext=PodSecurityContext,
     serviceAccount=Str,
     serviceAccountName=Str,
@@ -457,8 +457,8 @@ PodSpec = obj(
     subdomain=Str,
     terminationGracePeriodSeconds=Int64,
     tolerations=array(Toleration),
-    topologySpreadConstraints=array(TopologySpreadConstraint),
-    volumes=array(Volume, "Volumes, merged by name across layers."),
+    topologySpreadConstraints=array(TopologySpreadConstraint).keyed("topologyKey", "whenUnsatisfiable"),
+    volumes=array(Volume, "Volumes, merged by name across layers.").keyed("name"),
 )
 
 # --- autoscaling/v2 -----------------------------------------------------------------------
@@ -496,7 +496,7 @@ ObjectName = Str.length(1, 253)
 NamespaceName = Str.matching(DNS_LABEL).length(1, 63)
 SectionName = Str.matching(DNS_SUBDOMAIN).length(1, 253)
 HeaderName = Str.matching(HEADER_NAME).length(1, 256)
-HeaderNames = array(HeaderName).sized(None, 64)
+HeaderNames = array(HeaderName).sized(None, 64).unique()
 Duration = Str.matching(DURATION).doc("Duration such as 10s, 1m or 500ms (Gateway API format).")
 PortNumber = Int.bounded(1, 65535)
 HTTPMethods = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
@@ -525,9 +525,9 @@ HTTPHeaderPair = obj(
 )
 HTTPHeaderFilter = obj(
     "HTTPHeaderFilter",
-    add=array(HTTPHeaderPair).sized(None, 16),
-    remove=Strs.sized(None, 16),
-    set=array(HTTPHeaderPair).sized(None, 16),
+    add=array(HTTPHeaderPair).sized(None, 16).keyed("name"),
+    remove=Strs.sized(None, 16).unique(),
+    set=array(HTTPHeaderPair).sized(None, 16).keyed("name"),
 )
 HTTPPathModifier = obj(
     "HTTPPathModifier",
@@ -544,8 +544,8 @@ HTTPRouteFilter = obj(
         "HTTPCORSFilter",
         allowCredentials=Bool,
         allowHeaders=HeaderNames,
-        allowMethods=array(Str.one_of(*HTTPMethods, "*")).sized(None, 9),
-        allowOrigins=array(Str.matching(CORS_ORIGIN).length(1, 253)).sized(None, 64),
+        allowMethods=array(Str.one_of(*HTTPMethods, "*")).sized(None, 9).unique(),
+        allowOrigins=array(Str.matching(CORS_ORIGIN).length(1, 253)).sized(None, 64).unique(),
         exposeHeaders=HeaderNames,
         maxAge=Int.bounded(1).defaulting(5),
     ),
@@ -558,11 +558,11 @@ HTTPRouteFilter = obj(
         required=("backendRef", "protocol"),
         backendRef=BackendObjectReference,
         forwardBody=obj("ForwardBodyConfig", maxSize=Int),
-        grpc=obj("GRPCAuthConfig", allowedHeaders=Strs.sized(None, 64)),
+        grpc=obj("GRPCAuthConfig", allowedHeaders=Strs.sized(None, 64).unique()),
         http=obj(
             "HTTPAuthConfig",
-            allowedHeaders=Strs.sized(None, 64),
-            allowedResponseHeaders=Strs.sized(None, 64),
+            allowedHeaders=Strs.sized(None, 64).unique(),
+            allowedResponseHeaders=Strs.sized(None, 64).unique(),
             path=Str.matching(URI_PATH).length(None, 1024),
         ),
         protocol=Str.one_of("HTTP", "GRPC"),
@@ -615,7 +615,7 @@ HTTPRouteRule = obj(
         headers=array(obj(
             "HTTPHeaderMatch", required=("name", "value"),
             name=HeaderName, type=MatchType, value=Str.length(1, 4096),
-        )).sized(None, 16),
+        )).sized(None, 16).keyed("name"),
         method=Str.one_of(*HTTPMethods),
         path=obj(
             "HTTPPathMatch",
@@ -625,7 +625,7 @@ HTTPRouteRule = obj(
         queryParams=array(obj(
             "HTTPQueryParamMatch", required=("name", "value"),
             name=HeaderName, type=MatchType, value=Str.length(1, 1024),
-        )).sized(None, 16),
+        )).sized(None, 16).keyed("name"),
     )).sized(None, 64).defaulting([{"path": dict(DEFAULT_PATH_MATCH)}]),
     name=Str.matching(DNS_SUBDOMAIN).length(1, 253),
     retry=obj("HTTPRouteRetry", attempts=Int, backoff=Duration, codes=array(Int.bounded(400, 599))),

@@ -212,7 +212,9 @@ def _check_base_refs(refs: AnyValue, errors: list[FieldError]) -> None:
 
 def check_pod_spec(pod: dict, path: str, errors: list[FieldError]) -> None:
     """Check a pod spec: unique container and volume names, ports, probes, env and resources."""
-    names: dict[str, str] = {}
+    # Duplicates within one list are schema errors (list maps); names must also be unique
+    # across containers, initContainers and ephemeralContainers.
+    names: dict[str, tuple[str, str]] = {}
     for list_key in CONTAINER_LISTS:
         for i, container in enumerate(_list(pod.get(list_key))):
             if not isinstance(container, dict):
@@ -220,26 +222,19 @@ def check_pod_spec(pod: dict, path: str, errors: list[FieldError]) -> None:
             cpath = f"{path}.{list_key}[{i}]"
             name = container.get("name")
             if isinstance(name, str):
-                if name in names:
+                if name in names and names[name][0] != list_key:
                     errors.append(FieldError(f"{cpath}.name", f"duplicate container name {name!r} "
-                                                              f"(also at {names[name]})"))
-                else:
-                    names[name] = cpath
+                                                              f"(also at {names[name][1]})"))
+                names.setdefault(name, (list_key, cpath))
                 reason = dns1123_label_error(name)
                 if reason:
                     errors.append(FieldError(f"{cpath}.name", reason))
             _check_container(container, cpath, errors)
 
-    volume_names: set[str] = set()
     for i, volume in enumerate(_list(pod.get("volumes"))):
         if not isinstance(volume, dict):
             continue
         vpath = f"{path}.volumes[{i}]"
-        name = volume.get("name")
-        if isinstance(name, str):
-            if name in volume_names:
-                errors.append(FieldError(f"{vpath}.name", f"duplicate volume name {name!r}"))
-            volume_names.add(name)
         sources = [s for s in VOLUME_SOURCES if s in volume]
         if len(sources) > 1:
             errors.append(FieldError(vpath, f"must have one volume source, got {', '.join(sources)}"))
@@ -247,22 +242,6 @@ def check_pod_spec(pod: dict, path: str, errors: list[FieldError]) -> None:
 
 
 def _check_container(container: dict, path: str, errors: list[FieldError]) -> None:
-    seen_ports: set[tuple[int, str]] = set()
-    for i, port in enumerate(_list(container.get("ports"))):
-        number = _dict(port).get("containerPort")
-        key = (number, _dict(port).get("protocol", "TCP"))
-        if isinstance(number, int) and key in seen_ports:
-            errors.append(FieldError(f"{path}.ports[{i}].containerPort", f"duplicate port {number}/{key[1]}"))
-        seen_ports.add(key)
-
-    mount_paths: set[str] = set()
-    for i, mount in enumerate(_list(container.get("volumeMounts"))):
-        mount_path = _dict(mount).get("mountPath")
-        if isinstance(mount_path, str):
-            if mount_path in mount_paths:
-                errors.append(FieldError(f"{path}.volumeMounts[{i}].mountPath", f"duplicate mountPath {mount_path!r}"))
-            mount_paths.add(mount_path)
-
     for i, env in enumerate(_list(container.get("env"))):
         env = _dict(env)
         if "value" in env and "valueFrom" in env:

@@ -48,7 +48,9 @@ class Node:
     type (`Container`, `Probe`) for documentation. `pattern` (a regular expression),
     `min_length`/`max_length` (characters) and `min_items`/`max_items` constrain strings and
     arrays as the OpenAPI keywords of the same names do. `default` is the value the API
-    server fills in for an absent field whose parent object is present.
+    server fills in for an absent field whose parent object is present. `list_type` "map"
+    requires array items to be unique by the fields `list_keys`, and "set" requires distinct
+    items, as Kubernetes' `x-kubernetes-list-type` does.
     """
 
     kind: str
@@ -69,6 +71,8 @@ class Node:
     min_items: int | None = None
     max_items: int | None = None
     default: object = NO_DEFAULT
+    list_type: str = ""
+    list_keys: tuple[str, ...] = ()
 
     @property
     def has_default(self) -> bool:
@@ -86,6 +90,17 @@ class Node:
     def length(self, minimum: int | None = None, maximum: int | None = None) -> "Node":
         """Return a copy of this string node with inclusive length bounds in characters."""
         return dataclasses.replace(self, min_length=minimum, max_length=maximum)
+
+    def keyed(self, *keys: str) -> "Node":
+        """Return a copy of this array node whose items must be unique by the fields `keys`.
+
+        This is Kubernetes' `x-kubernetes-list-type: map` with `keys` as its list map keys.
+        """
+        return dataclasses.replace(self, list_type="map", list_keys=tuple(keys))
+
+    def unique(self) -> "Node":
+        """Return a copy of this array node whose items must be distinct (a list of type set)."""
+        return dataclasses.replace(self, list_type="set")
 
     def sized(self, minimum: int | None = None, maximum: int | None = None) -> "Node":
         """Return a copy of this array node with inclusive bounds on its number of items."""

@@ -294,7 +294,7 @@ def _status_schema(version: str, kind: str) -> Node:
                 name=Str,
                 stopped=Bool,
                 weight=Int,
-            )),
+            )).keyed("name"),
             name=Str,
         )
         workload = obj("WorkloadStatus", required=("kind", "name"), apiGroup=Str, kind=Str, name=Str,

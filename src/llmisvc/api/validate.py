@@ -167,6 +167,36 @@ def _check_items(value: list, node: Node, path: str, errors: list[FieldError]) -
         errors.append(FieldError(path, f"must have at least {node.min_items} item(s), got {len(value)}"))
     if node.max_items is not None and len(value) > node.max_items:
         errors.append(FieldError(path, f"must have at most {node.max_items} items, got {len(value)}"))
+    if node.list_type == "map":
+        _check_unique_keys(value, node, path, errors)
+    elif node.list_type == "set":
+        seen: dict[str, int] = {}
+        for index, item in enumerate(value):
+            key = json.dumps(item, sort_keys=True, default=str)
+            if key in seen:
+                errors.append(FieldError(f"{path}[{index}]", f"duplicate value {item!r} (also at index {seen[key]})"))
+            seen.setdefault(key, index)
+
+
+def _check_unique_keys(value: list, node: Node, path: str, errors: list[FieldError]) -> None:
+    """Report items of a list map that share their key fields (absent keys count as their default)."""
+    key_nodes = {key: node.item.fields.get(key) for key in node.list_keys} if node.item is not None else {}
+    seen: dict[tuple, int] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            continue
+        key = tuple(
+            item.get(name, key_node.default if key_node is not None and key_node.has_default else None)
+            for name, key_node in key_nodes.items()
+        )
+        if not all(isinstance(part, (str, int)) for part in key):
+            continue  # a missing or mistyped key is reported on its own
+        if key in seen:
+            described = " ".join(f"{name} {part!r}" for name, part in zip(node.list_keys, key))
+            where = f"{path}[{index}].{node.list_keys[0]}" if len(node.list_keys) == 1 else f"{path}[{index}]"
+            errors.append(FieldError(where, f"duplicate {described} (also at index {seen[key]})"))
+        else:
+            seen[key] = index
 
 
 def _check_string(value: str, node: Node, path: str, errors: list[FieldError]) -> None:
