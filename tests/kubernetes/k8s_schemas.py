@@ -4,6 +4,7 @@ Core and apps kinds are checked with `kubernetes-validate` (the official OpenAPI
 strict mode: unknown fields fail). Gateway API (v1.6.1), InferencePool (Inference Extension
 v1.6.0) and KServe (v0.20.0) kinds are checked against the openAPIV3Schema of their upstream
 CRDs. Unknown fields are rejected there too, as `kubectl apply --validate=strict` does.
+NOTE: the CRDs' CEL rules (`x-kubernetes-validations`) are not evaluated here.
 """
 
 from __future__ import annotations

@@ -410,3 +410,10 @@ def test_tracing_and_offloading_rejected_where_unsupported():
     resource.obj["spec"]["kvCacheOffloading"] = {"cpu": "10Gi"}
     with pytest.raises(ValueError, match="spec.kvCacheOffloading"):
         render_manifests(resolve(resource), owner_uid=UID)
+
+
+def test_scaling_keda_rejected():
+    resource = load_file(HERE / "samples" / "scaling.yaml")[0]
+    resource.obj["spec"]["scaling"]["wva"] = {"keda": {}}
+    with pytest.raises(ValueError, match="spec.scaling.wva.keda"):
+        render_manifests(resolve(resource), owner_uid=UID)

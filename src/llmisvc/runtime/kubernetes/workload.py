@@ -178,7 +178,13 @@ def _leader_worker_set(ctx: ServiceContext, name: str, role: str, spec_part: dic
 
 
 def _hpa(ctx: ServiceContext, target: dict, scaling: dict) -> dict:
-    """Return an autoscaling/v2 HPA for `target` from the spec's `scaling` block."""
+    """Return an autoscaling/v2 HPA for `target` from the spec's `scaling` block.
+
+    Raises ValueError for the KEDA actuator (`scaling.wva.keda`), which is not rendered.
+    """
+    if (scaling.get("wva") or {}).get("keda") is not None:
+        raise ValueError("spec.scaling.wva.keda: the KEDA actuator is not supported in "
+                         "Kubernetes mode; use spec.scaling.wva.hpa")
     hpa_spec: dict = {
         "scaleTargetRef": {
             "apiVersion": target["apiVersion"],
