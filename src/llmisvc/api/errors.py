@@ -13,7 +13,7 @@ class FieldError:
     """One problem in a document: `path` (`spec.prefill.replicas`) and a plain-language `reason`.
 
     `document` is the 1-based position of the document in a multi-document YAML stream, or
-    None when the stream holds one document.
+    None when the stream contains one document.
     """
 
     path: str

@@ -4,9 +4,9 @@ Rules, applied recursively from the earlier layer (`base`) to the later one (`ov
 
 - objects merge field by field;
 - lists of named things merge by their key, keeping the earlier order and appending new
-  items: containers, initContainers, ephemeralContainers, env, volumes, imagePullSecrets and
-  resourceClaims by `name`, ports by `containerPort`, volumeMounts by `mountPath`,
-  volumeDevices by `devicePath`; every other list (`args`, `command`, tolerations, ...) is
+  items. Containers, initContainers, ephemeralContainers, env, volumes, imagePullSecrets and
+  resourceClaims merge by `name`, ports by `containerPort`, volumeMounts by `mountPath` and
+  volumeDevices by `devicePath`. Every other list (`args`, `command`, tolerations, ...) is
   replaced whole;
 - an absent, null, empty-string, empty-list or empty-object value in the later layer leaves
   the earlier value in place, so `scheduler: {}` in a service keeps a preset's scheduler.

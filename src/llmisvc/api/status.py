@@ -1,7 +1,7 @@
 """Status of an LLMInferenceService computed from observed facts, as KServe reports it.
 
-Pure functions: the local controller and the Kubernetes operator gather the facts (ready
-replicas, route and pool state) and call `build_status`; nothing here reads a runtime.
+These are pure functions. The local controller and the Kubernetes operator gather the facts
+(ready replicas, route and pool state) and call `build_status`, and nothing here reads a runtime.
 
 Condition tree:
 

@@ -1,10 +1,12 @@
 """Well-known LLMInferenceServiceConfig presets shipped as YAML data, and their selection.
 
-Which presets apply follows from the spec's shape, in this order: the main (or, with
-`prefill`, the decode) pod template; data-parallel workers when `parallelism.data` or
-`dataLocal` is set; the prefill template and its workers; the scheduler when
-`router.scheduler` is present without `pool.ref`; the route when `router.route` is present
-without `http.refs`.
+The spec's shape decides which presets apply, in this order:
+
+1. the main pod template, or the decode template when `prefill` is set;
+2. data-parallel workers when `parallelism.data` or `dataLocal` is set;
+3. the prefill template and its data-parallel workers when `prefill` is set;
+4. the scheduler when `router.scheduler` is present without `pool.ref`;
+5. the route when `router.route` is present without `http.refs`.
 """
 
 from __future__ import annotations
