@@ -63,5 +63,12 @@ def test_explain_unknown_version():
         explain("spec", api_version="serving.kserve.io/v9")
 
 
+def test_explain_shows_constraints_and_default():
+    text = explain("spec.router.route.http.spec.rules")
+    assert "items: 1 to 16" in text
+    assert 'default: [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}]}]' in text
+    assert "unique by: name" in explain("spec.template.containers")
+
+
 def test_explain_version_without_group():
     assert "VERSION:  serving.kserve.io/v1alpha1" in explain("spec", api_version="v1alpha1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 
 from llmisvc.api.schema import ARRAY, MAP, OBJECT, Node
 from llmisvc.api.types import API_VERSIONS, CONFIG_KIND, GROUP, SERVICE_KIND, resource_schema
@@ -35,6 +36,16 @@ def _constraints(node: Node) -> list[str]:
         notes.append(f"minimum: {node.minimum}")
     if node.maximum is not None:
         notes.append(f"maximum: {node.maximum}")
+    if node.pattern:
+        notes.append(f"pattern: {node.pattern}")
+    if node.min_length is not None or node.max_length is not None:
+        notes.append(f"length: {node.min_length or 0} to {node.max_length if node.max_length is not None else 'any'}")
+    if node.min_items is not None or node.max_items is not None:
+        notes.append(f"items: {node.min_items or 0} to {node.max_items if node.max_items is not None else 'any'}")
+    if node.list_type == "map":
+        notes.append(f"unique by: {', '.join(node.list_keys)}")
+    if node.has_default:
+        notes.append(f"default: {json.dumps(node.default)}")
     return notes
 
 

@@ -65,6 +65,22 @@ def check_metadata(doc: dict, errors: list[FieldError]) -> None:
     if reason:
         errors.append(FieldError("metadata.namespace", reason))
     check_labels(metadata.get("labels"), "metadata.labels", errors)
+    check_annotation_keys(metadata.get("annotations"), "metadata.annotations", errors)
+
+
+def _is_qualified_name(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
+        return False
+    return len(name) <= MAX_NAME_LENGTH and LABEL_NAME.match(name) is not None
+
+
+def check_annotation_keys(annotations: AnyValue, path: str, errors: list[FieldError]) -> None:
+    """Check that annotation keys are Kubernetes qualified names ([prefix/]name)."""
+    for key in _dict(annotations):
+        if isinstance(key, str) and not _is_qualified_name(key):
+            errors.append(FieldError(f"{path}[{key}]", "invalid annotation key: use [prefix/]name with a "
+                                                      "name of at most 63 alphanumerics, '-', '_' or '.'"))
 
 
 def check_labels(labels: AnyValue, path: str, errors: list[FieldError]) -> None:
@@ -72,9 +88,7 @@ def check_labels(labels: AnyValue, path: str, errors: list[FieldError]) -> None:
     for key, value in _dict(labels).items():
         if not isinstance(key, str):
             continue
-        prefix, _, name = key.rpartition("/")
-        if (prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix))) or \
-                len(name) > MAX_NAME_LENGTH or not LABEL_NAME.match(name):
+        if not _is_qualified_name(key):
             errors.append(FieldError(f"{path}[{key}]", "invalid label key: use [prefix/]name with a "
                                                       "name of at most 63 alphanumerics, '-', '_' or '.'"))
         if isinstance(value, str) and (len(value) > MAX_NAME_LENGTH or not LABEL_VALUE.match(value)):
