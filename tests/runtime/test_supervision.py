@@ -392,6 +392,23 @@ def test_control_restart_keeps_services_reachable(runtime):
     assert runtime.complete("beta-model").status_code == 200
 
 
+def test_gateway_crash_is_restarted(runtime):
+    runtime.apply(service_yaml("alpha", "alpha-model"))
+    gateway_pid = runtime.describe("alpha")["gateway"]["pid"]
+    os.kill(gateway_pid, signal.SIGKILL)
+
+    def serving_again():
+        try:
+            return runtime.complete("alpha-model", timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(serving_again, timeout=60)
+    gateway = runtime.describe("alpha")["gateway"]
+    assert gateway["pid"] != gateway_pid
+    assert gateway["restarts"] >= 1
+
+
 def test_delete_leaves_no_process(runtime):
     for name in ("alpha", "beta"):
         result = runtime.cli("delete", name)

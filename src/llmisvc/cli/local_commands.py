@@ -56,7 +56,10 @@ def add_parser(subparsers, name: str, help: str) -> None:
 
 
 def _client() -> ControlClient:
-    return ControlClient(Home.from_env())
+    home = Home.from_env()
+    if len(os.fsencode(home.socket)) > 107:
+        raise SystemExit(f"error: LLMISVC_HOME {home.root} is too long for a Unix socket path; choose a shorter one")
+    return ControlClient(home)
 
 
 def _connected_client() -> ControlClient:

@@ -89,6 +89,9 @@ class ControlClient:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise ControlNotRunning(f"no control process on {self.home.socket}") from exc
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"cannot connect to {self.home.socket}: {exc}") from exc
         with sock, sock.makefile("rb") as replies:
             sock.sendall(json.dumps({"op": op, **payload}).encode() + b"\n")
             for line in replies:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 DEFAULT_GATEWAY_PORT = 8000
 
+# Linux limits a Unix socket path to 108 bytes including the terminating NUL (sun_path).
+_MAX_SOCKET_PATH = 107
+
 
 def gateway_port_from_env() -> int:
     """Return LLMISVC_GATEWAY_PORT, else 8000. Raises ValueError for a non-numeric value."""
@@ -57,6 +60,12 @@ class Home:
         return self.root / "logs" / namespace / name
 
     def ensure(self) -> None:
+        """Create the directory (mode 0700). Raises ValueError when the socket path is too long."""
+        if len(os.fsencode(self.socket)) > _MAX_SOCKET_PATH:
+            raise ValueError(
+                f"LLMISVC_HOME {self.root} is too long for a Unix socket path "
+                f"({len(os.fsencode(self.socket))} bytes, at most {_MAX_SOCKET_PATH}); choose a shorter LLMISVC_HOME"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         (self.root / "logs").mkdir(exist_ok=True)

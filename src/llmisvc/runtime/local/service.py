@@ -356,6 +356,11 @@ class ServiceRuntime:
         for replica in self.all_replicas():
             if replica.draining or replica.address is None or replica.state in ("Terminating", "Stopped"):
                 continue
+            # Unready replicas are left out, as Kubernetes leaves them out of a Service's
+            # ready endpoints. This also keeps the gateway from health-probing a replica that
+            # is still loading and then holding it as unhealthy until its next probe.
+            if not replica.ready:
+                continue
             endpoints.append({"address": replica.address, "role": replica.workload.role, "ready": replica.ready, "labels": dict(replica.workload.labels)})
         return {
             "model": plan.model_name,
