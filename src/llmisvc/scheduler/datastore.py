@@ -202,7 +202,8 @@ class Datastore:
     async def _scrape_loop(self, address: str) -> None:
         loop = asyncio.get_running_loop()
         next_time = loop.time()
-        while address in self._endpoints:
+        # The flag ends the loop even if a cancellation is lost inside a scrape.
+        while self._running and address in self._endpoints:
             await self.scrape_once(address)
             # Fixed-rate schedule: a slow scrape shortens the next wait instead of drifting.
             next_time = max(next_time + self.scrape_interval, loop.time())

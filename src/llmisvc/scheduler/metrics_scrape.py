@@ -103,8 +103,11 @@ class MetricsConnection:
 
     async def fetch(self, timeout: float) -> str:
         """Return the body of one `/metrics` response; raise ScrapeError on any failure."""
+        # asyncio.timeout runs the fetch in this task: asyncio.wait_for's extra task can
+        # swallow a cancellation that arrives as the fetch completes (Python 3.11).
         try:
-            return await asyncio.wait_for(self._fetch(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._fetch()
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, ScrapeError) as exc:
             self.close()
             if isinstance(exc, ScrapeError):
