@@ -295,3 +295,39 @@ def test_missing_crd_reported_in_status(cluster):
                      c.get("reason") == "ReconcileError" and c, "Ready reason ReconcileError")
     assert "LeaderWorkerSet llm/lws-a-kserve-mn" in ready["message"]
     assert "404" in ready["message"]
+
+
+def test_v1alpha1_object_served_as_v1alpha2(cluster):
+    server = cluster
+    doc = sample("no-scheduler", "alpha1-a")
+    doc["apiVersion"] = "serving.kserve.io/v1alpha1"
+    doc["spec"]["model"]["criticality"] = "Critical"
+    server.create(doc)
+
+    # The double, like an API server without a conversion webhook, returns the object
+    # unchanged under v1alpha2, the version the operator reads.
+    wait_for(lambda: deployment(server, "alpha1-a-kserve"), "the main Deployment")
+    assert condition(server, "alpha1-a", "PresetsCombined") is None
+
+
+def test_referenced_route_status(cluster):
+    server = cluster
+    server.create({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                   "metadata": {"name": "team-route", "namespace": NAMESPACE},
+                   "spec": {"parentRefs": [{"name": "kserve-ingress-gateway", "namespace": "kserve"}],
+                            "rules": [{"backendRefs": [{"name": "refs-a-kserve-workload-svc", "port": 8000}]}]}})
+    doc = sample("no-scheduler", "refs-a")
+    doc["spec"]["router"] = {"route": {"http": {"refs": [{"name": "team-route"}]}}}
+    server.create(doc)
+
+    wait_for(lambda: deployment(server, "refs-a-kserve"), "the main Deployment")
+    assert server.get("gateway.networking.k8s.io/v1", "HTTPRoute", NAMESPACE, "refs-a-kserve-route") is None
+    route = wait_for(lambda: condition(server, "refs-a", "HTTPRoutesReady"), "HTTPRoutesReady")
+    assert route["status"] == "False"
+    assert "llm/team-route" in route["message"]
+
+    accept_route(server, "team-route")
+    program_gateway(server, True)
+    make_available(server, "refs-a-kserve")
+    # Status follows the Deployment change, which also re-reads the referenced route.
+    wait_for(lambda: (c := condition(server, "refs-a", "Ready")) and c["status"] == "True", "Ready=True")

@@ -18,7 +18,7 @@ from llmisvc.runtime.kubernetes.client import ApiError, KubeClient
 from llmisvc.runtime.kubernetes.names import MANAGED_BY, MANAGED_BY_LABEL, PART_OF, is_stopped
 from llmisvc.runtime.kubernetes.options import RenderOptions
 from llmisvc.runtime.kubernetes.render import render_context, service_context
-from llmisvc.runtime.kubernetes.router import gateway_refs, has_scheduler
+from llmisvc.runtime.kubernetes.router import has_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,11 @@ def _resource(obj: dict):
         meta.pop(key, None)
     cleaned["metadata"] = meta
     resource, errors = load_document(cleaned)
-    if errors:
+    if errors and cleaned.get("apiVersion") == SERVICE_API:
+        # Without a conversion webhook the API server returns a v1alpha1 object unchanged
+        # under v1alpha2, so a v1alpha1-only field (model.criticality) is valid as v1alpha1.
+        resource, _ = load_document({**cleaned, "apiVersion": "serving.kserve.io/v1alpha1"})
+    if resource is None:
         raise SpecError(errors)
     return resource
 
@@ -190,20 +194,49 @@ class Reconciler:
         await workload("PrefillWorkloadReady", names.prefill, names.multi_node_prefill)
         await workload("SchedulerWorkloadReady", names.scheduler, "")
 
-        route = by_name.get(("HTTPRoute", names.route))
-        gateways: dict[tuple[str, str], dict | None] = {}
-        if route is not None:
-            current_route = await self.client.get("gateway.networking.k8s.io/v1", "HTTPRoute",
-                                                  ctx.namespace, names.route)
-            for gateway_namespace, gateway_name in gateway_refs(ctx, route):
-                gateways[(gateway_namespace, gateway_name)] = await self.client.get(
-                    "gateway.networking.k8s.io/v1", "Gateway", gateway_namespace, gateway_name)
+        routes, gateways = await self._observe_routes(ctx, by_name.get(("HTTPRoute", names.route)))
+        if routes or gateways:
             observed.append(st.gateways_condition(gateways))
-            observed.append(st.route_condition(current_route, ctx.namespace, names.route))
+        if routes:
+            observed.append(st.route_condition(routes))
         self.gateways[(ctx.namespace, ctx.name)] = set(gateways)
 
-        url, addresses = st.gateway_url(gateways, f"/{ctx.namespace}/{ctx.name}")
+        managed = by_name.get(("HTTPRoute", names.route))
+        hostnames = (managed or {}).get("spec", {}).get("hostnames")
+        url, addresses = st.gateway_url(gateways, f"/{ctx.namespace}/{ctx.name}", hostnames)
         return st.aggregate(observed), url, addresses
+
+    async def _observe_routes(self, ctx, managed: dict | None):
+        """Return the routes to evaluate, as (namespace, name, route or None), and the Gateways
+        they and `router.gateway.refs` name, as {(namespace, name): gateway or None}.
+
+        The routes are the managed route and those in `router.route.http.refs`, as KServe's
+        controller evaluates both.
+        """
+        api = "gateway.networking.k8s.io/v1"
+        router = ctx.spec.get("router") or {}
+        keys = []
+        if managed is not None:
+            keys.append((ctx.namespace, ctx.names.route))
+        for ref in ((router.get("route") or {}).get("http") or {}).get("refs") or []:
+            keys.append((ref.get("namespace") or ctx.namespace, ref["name"]))
+
+        routes = []
+        gateway_keys = [(ref.get("namespace") or ctx.namespace, ref["name"])
+                        for ref in (router.get("gateway") or {}).get("refs") or []]
+        for namespace, name in keys:
+            route = await self.client.get(api, "HTTPRoute", namespace, name)
+            routes.append((namespace, name, route))
+            spec = route or (managed if name == ctx.names.route else None) or {}
+            for parent in (spec.get("spec") or {}).get("parentRefs") or []:
+                if parent.get("kind", "Gateway") == "Gateway":
+                    gateway_keys.append((parent.get("namespace") or namespace, parent["name"]))
+
+        gateways = {}
+        for key in gateway_keys:
+            if key not in gateways:
+                gateways[key] = await self.client.get(api, "Gateway", *key)
+        return routes, gateways
 
     async def _write_status(self, service: dict, conditions: list[st.Condition],
                             url: str | None = None, addresses: list[dict] | None = None) -> None:

@@ -245,17 +245,6 @@ def route_backend(ctx: ServiceContext) -> dict:
     return {"group": "", "kind": "Service", "name": service, "port": GATEWAY_PORT, "weight": 1}
 
 
-def gateway_refs(ctx: ServiceContext, route: dict | None) -> list[tuple[str, str]]:
-    """Return (namespace, name) of every Gateway the managed route attaches to."""
-    if route is None:
-        return []
-    return [
-        (ref.get("namespace") or ctx.namespace, ref["name"])
-        for ref in route["spec"].get("parentRefs") or []
-        if ref.get("kind", "Gateway") == "Gateway"
-    ]
-
-
 def http_route(ctx: ServiceContext) -> list[dict]:
     """Return the managed HTTPRoute `<name>-kserve-route`; empty when the spec has no
     `router.route` or references its own routes.

@@ -55,22 +55,24 @@ def _condition(parent_conditions: list[dict], wanted: str) -> dict | None:
     return next((c for c in parent_conditions if c.get("type") == wanted), None)
 
 
-def route_condition(route: dict | None, namespace: str, name: str) -> Condition:
-    """Return `HTTPRoutesReady` from the managed route's per-parent `Accepted` conditions."""
-    parents = ((route or {}).get("status") or {}).get("parents") or []
+def route_condition(routes: list[tuple[str, str, dict | None]]) -> Condition:
+    """Return `HTTPRoutesReady` from the per-parent `Accepted` conditions of `routes`, given
+    as (namespace, name, route or None when it was not found)."""
     problems = []
-    if route is None:
-        problems.append(f"{namespace}/{name}: not found")
-    elif not parents:
-        problems.append(f"{namespace}/{name}: no parent has accepted the route yet")
-    for parent in parents:
-        accepted = _condition(parent.get("conditions") or [], "Accepted")
-        if accepted is None or accepted.get("status") != "True":
-            accepted = accepted or {}
-            problems.append(
-                f"{namespace}/{name}: Accepted={accepted.get('status', 'Unknown')} "
-                f"(reason {accepted.get('reason', '')!r}, message {accepted.get('message', '')!r})"
-            )
+    for namespace, name, route in routes:
+        parents = ((route or {}).get("status") or {}).get("parents") or []
+        if route is None:
+            problems.append(f"{namespace}/{name}: not found")
+        elif not parents:
+            problems.append(f"{namespace}/{name}: no parent has accepted the route yet")
+        for parent in parents:
+            accepted = _condition(parent.get("conditions") or [], "Accepted")
+            if accepted is None or accepted.get("status") != "True":
+                accepted = accepted or {}
+                problems.append(
+                    f"{namespace}/{name}: Accepted={accepted.get('status', 'Unknown')} "
+                    f"(reason {accepted.get('reason', '')!r}, message {accepted.get('message', '')!r})"
+                )
     if problems:
         return Condition("HTTPRoutesReady", "False", "HTTPRoutesNotReady",
                          f"The following HTTPRoutes are not ready: [{', '.join(problems)}]")
@@ -92,9 +94,11 @@ def gateways_condition(gateways: dict[tuple[str, str], dict | None]) -> Conditio
     return ready("GatewaysReady")
 
 
-def gateway_url(gateways: dict[tuple[str, str], dict | None], path: str) -> tuple[str | None, list[dict]]:
-    """Return (url, addresses) for `path` on the first address of each Gateway."""
-    urls = []
+def gateway_url(gateways: dict[tuple[str, str], dict | None], path: str,
+                hostnames: list[str] | None = None) -> tuple[str | None, list[dict]]:
+    """Return (url, addresses) for `path`: on the route's hostnames when it has any, else on
+    the first address of each Gateway."""
+    urls = [f"http://{hostname}{path}" for hostname in hostnames or [] if "*" not in hostname]
     for _, gateway in sorted(gateways.items()):
         for address in ((gateway or {}).get("status") or {}).get("addresses") or []:
             if address.get("value"):
