@@ -89,13 +89,18 @@ def llmisvc_containers(objects: list[dict]):
                     yield obj["metadata"]["name"], container
 
 
-SAMPLES = sorted((HERE / "samples").glob("*.yaml"))
+SPECS = sorted((HERE / "samples").glob("*.yaml")) + sorted((REPO / "examples").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("sample", [p.stem for p in SAMPLES])
-def test_rendered_commands_parse(sample):
-    resource = load_file(HERE / "samples" / f"{sample}.yaml")[0]
-    objects = render_manifests(resolve(resource), owner_uid="uid")
+@pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
+def test_rendered_commands_parse(path):
+    resources = load_file(path)
+    configs = {r.name: r for r in resources if r.kind == "LLMInferenceServiceConfig"}
+    objects = []
+    for resource in resources:
+        if resource.kind == "LLMInferenceService":
+            objects += render_manifests(resolve(resource, configs), owner_uid="uid")
+    assert objects
     for owner, container in llmisvc_containers(objects):
         command = container["command"][1:] + container.get("args", [])
         assert command[0] in COMMANDS, f"{owner}/{container['name']}: unknown command {command[0]}"

@@ -417,3 +417,19 @@ def test_scaling_keda_rejected():
     resource.obj["spec"]["scaling"]["wva"] = {"keda": {}}
     with pytest.raises(ValueError, match="spec.scaling.wva.keda"):
         render_manifests(resolve(resource), owner_uid=UID)
+
+
+def test_builtin_pd_side_channel_on_pod_ip():
+    resource = next(r for r in load_file(REPO / "examples" / "prefill-decode.yaml")
+                    if r.kind == "LLMInferenceService")
+    objects = render_manifests(resolve(resource), owner_uid=UID)
+    deployments = [o for o in objects if o["kind"] == "Deployment"
+                   and o["metadata"]["labels"].get("llm-d.ai/role") in ("decode", "prefill")]
+    assert len(deployments) == 2
+    for deployment in deployments:
+        engine = main_container(deployment["spec"]["template"]["spec"])
+        assert engine["command"] == ["llmisvc", "engine"]
+        assert "--kv-transfer-config" in engine["args"]
+        env = {e["name"]: e for e in engine["env"]}
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"] == "5600"

@@ -220,7 +220,9 @@ def engine_container(
 
     container["ports"] = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     _set_env(container, "POD_IP", {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
-    if engine == "vllm" and role in ("decode", "prefill"):
+    # Both vLLM and the built-in engine read the KV side channel's address from these
+    # variables; without them the built-in engine would listen on 127.0.0.1 only.
+    if role in ("decode", "prefill"):
         _set_env(container, "VLLM_NIXL_SIDE_CHANNEL_HOST",
                  {"valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
         _set_env(container, "VLLM_NIXL_SIDE_CHANNEL_PORT", {"value": str(NIXL_SIDE_CHANNEL_PORT)})
