@@ -451,6 +451,31 @@ def run_matrix(targets: list[Target], backend: str, latency: int, args, results:
                 results[label] = entry
 
 
+def alternate_c1(targets: list[Target], count: int, runs: dict) -> None:
+    """Measure concurrency 1 in three alternating rounds per proxy and keep each median.
+
+    At concurrency 1 a proxy's CPU per request and added latency move with whatever else
+    the shared machine runs at that moment; alternating the proxies round by round spreads
+    that noise evenly over them.
+    """
+    for stream in (False, True):
+        kind = "stream" if stream else "json"
+        samples: dict[str, list[RunResult]] = {}
+        for _ in range(3):
+            for target in targets:
+                request = build_request(target.path, target.model, stream)
+                result = asyncio.run(load(target.ports, request, 1, count, 64, target.pids or None))
+                samples.setdefault(target.name, []).append(result)
+        direct_p50 = statistics.median(r.p50_ms for r in samples["direct"])
+        for name, results in samples.items():
+            p50 = statistics.median(r.p50_ms for r in results)
+            cpu = [r.cpu_us_per_request for r in results if r.cpu_us_per_request is not None]
+            entry = {"p50_ms": p50, "added_p50_ms": p50 - direct_p50, "cpu_us_per_request": statistics.median(cpu) if cpu else None}
+            runs[f"mini lat=0ms c=1 {kind} alternating {name}"] = entry
+            cpu_text = f"{entry['cpu_us_per_request']:.0f}" if cpu else "-"
+            print(f"alternating c=1 {kind} {name:18s} median p50 {p50:.3f} ms, added {p50 - direct_p50:.3f} ms, cpu/req {cpu_text} us", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--routers-venv", type=Path, default=Path(tempfile.gettempdir()) / "llmisvc-bench-routers")
@@ -596,6 +621,8 @@ def run_all(args, work: Path, model_dir: str, procs: Processes, results: dict) -
             targets.append(Target("sglang-router", [port], "/v1/chat/completions", model_dir, [sglang.pid]))
             routers = [vllm, sglang]
         run_matrix(targets, "mini", latency, args, runs)
+        if latency == 0 and routers:
+            alternate_c1(targets, args.count_c1, runs)
         for router in routers:
             procs.stop(router)
 
