@@ -34,7 +34,12 @@ def main() -> None:
     max_batch = max(batch_sizes)
 
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
+    model_params = llama_cpp.llama_model_default_params()
+    # llama-cpp-python 0.3.36 built with GGML_NATIVE on an AMX-capable Xeon crashed
+    # (SIGSEGV in llama_decode) with the AMX repacked weight buffers; the plain CPU buffers
+    # run the same Q4_1 weights with AVX-512 kernels.
+    model_params.use_extra_bufts = False
+    model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = max(4096, max_batch * 256)
     params.n_batch = max(prompt_tokens, max_batch * 32)

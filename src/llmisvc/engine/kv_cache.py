@@ -128,7 +128,7 @@ class KVCache:
         """Grow every slot to hold at least `length` positions (copies the buffer once)."""
         if length > self.capacity:
             step = max(_CAPACITY_STEP, self.block_size)
-            self._allocate(self.buffer.shape[2], -(-length // step) * step)
+            self._allocate(self._slots_wanted(), -(-length // step) * step)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the K and V working buffers of one layer, each `[slots, kv_heads, capacity, head_dim]`."""
@@ -149,12 +149,25 @@ class KVCache:
         self.capacity = capacity
         logger.debug("KV working buffer resized to %d slots x %d positions", num_slots, capacity)
 
+    def _slots_wanted(self) -> int:
+        """Return the slot count to allocate: the allocated count unless it is over twice the need."""
+        need = max(_INITIAL_SLOTS, 2 * len(self._seq_in_slot))
+        return min(self.buffer.shape[2], need) if self.buffer.numel() else need
+
     def _maybe_shrink(self) -> None:
-        # Give memory back after long sequences leave; hysteresis (a quarter) avoids
-        # reallocating on every finish.
-        longest = max(self._lengths, default=0)
-        if self.capacity > _CAPACITY_STEP and longest * 4 < self.capacity:
-            self._allocate(self.buffer.shape[2], max(_CAPACITY_STEP, -(-longest * 2 // _CAPACITY_STEP) * _CAPACITY_STEP))
+        # Give memory back after long sequences leave, with a factor-4 hysteresis so that
+        # finishes do not reallocate every time. An idle cache keeps its buffer, because the
+        # next request would otherwise pay the reallocation on its time to first token.
+        # NOTE: so an idle replica holds the working buffer of its busiest moment
+        # (slots x longest length x bytes per token) until the next request arrives.
+        if not self._seq_in_slot:
+            return
+        longest = max(self._lengths)
+        too_long = self.capacity > _CAPACITY_STEP and longest * 4 < self.capacity
+        too_many = self.buffer.shape[2] > 4 * max(_INITIAL_SLOTS, len(self._seq_in_slot))
+        if too_long or too_many:
+            capacity = max(_CAPACITY_STEP, -(-longest * 2 // _CAPACITY_STEP) * _CAPACITY_STEP)
+            self._allocate(self._slots_wanted(), min(capacity, self.capacity))
 
     # -- pool <-> slots -------------------------------------------------------------------
 

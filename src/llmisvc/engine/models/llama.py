@@ -24,8 +24,8 @@ class PrefillSegment:
     """A run of `length` consecutive tokens of one sequence, starting at batch row `row`.
 
     `start_pos` is the position of its first token. `mask` is None when `start_pos` is 0
-    (plain causal attention), else the boolean mask `[length, start_pos + length]` that is
-    True where a query may attend a key.
+    (plain causal attention), else the additive mask `[length, start_pos + length]` that is
+    0 where a query may attend a key and -inf elsewhere.
     """
 
     row: int
