@@ -112,7 +112,7 @@ def test_runtime_port_flag_dropped_with_warning():
 @pytest.mark.parametrize(
     "changes, path",
     [
-        ({"spec.replicas": None, "spec.scaling": {"minReplicas": 1, "maxReplicas": 3}}, "spec.scaling"),
+        ({"spec.replicas": None, "spec.scaling": {"minReplicas": 1, "maxReplicas": 3, "wva": {"hpa": {}}}}, "spec.scaling"),
         ({"spec.tracing": {"exporter": "otlp", "exporterEndpoint": "collector:4317"}}, "spec.tracing"),
         ({"spec.model.lora": {"adapters": [{"uri": "hf://org/adapter", "name": "a"}]}}, "spec.model.lora"),
         ({"apiVersion": "serving.kserve.io/v1alpha2", "spec.kvCacheOffloading": {"cpu": "10Gi"}}, "spec.kvCacheOffloading"),
