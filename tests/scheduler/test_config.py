@@ -103,3 +103,27 @@ def test_config_structure_errors(document, fragment):
     with pytest.raises(ConfigError) as info:
         parse_config(document)
     assert fragment in str(info.value)
+
+
+def test_config_from_container_args(tmp_path):
+    from llmisvc.scheduler.config import config_from_args
+
+    text = "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: queue-scorer}]}]\n"
+    (tmp_path / "epp.yaml").write_text(text)
+    assert config_from_args(["--config-text", text]) == text
+    assert config_from_args([f"--config-text={text}", "--v=4"]) == text
+    assert config_from_args(["--poolName", "x", "--config-file", "epp.yaml"], base_dir=tmp_path) == text
+    assert config_from_args(["--config-file=" + str(tmp_path / "epp.yaml")]) == text
+    assert config_from_args(["--poolName", "x"]) is None
+    assert parse_config(config_from_args(["--config-text", text])).profiles[0].scorers == [("queue-scorer", 1.0)]
+
+
+def test_config_from_args_errors(tmp_path):
+    from llmisvc.scheduler.config import config_from_args
+
+    with pytest.raises(ConfigError) as info:
+        config_from_args(["--config-file", "missing.yaml"], base_dir=tmp_path)
+    assert "cannot read --config-file" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        config_from_args(["--config-text", "a", "--config-file", "b"])
+    assert "not both" in str(info.value)

@@ -3,7 +3,7 @@
 Profile handler, filters, scorers and picker; one plugin per module.
 """
 
-from llmisvc.scheduler.config import DEFAULT_CONFIG, ConfigError, EndpointPickerConfig, parse_config
+from llmisvc.scheduler.config import DEFAULT_CONFIG, ConfigError, EndpointPickerConfig, config_from_args, parse_config
 from llmisvc.scheduler.datastore import Datastore, Endpoint, EndpointSpec
 from llmisvc.scheduler.framework import AllFiltered, NoReadyEndpoints, SchedulingRequest, SchedulingResult
 from llmisvc.scheduler.metrics import SchedulerMetrics
@@ -23,5 +23,6 @@ __all__ = [
     "SchedulerMetrics",
     "SchedulingRequest",
     "SchedulingResult",
+    "config_from_args",
     "parse_config",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -142,6 +143,39 @@ def parse_config(source: str | Mapping[str, Any] | None) -> EndpointPickerConfig
     profiles = _parse_profiles(document.get("schedulingProfiles"), plugins)
     handler = _handler(plugins, profiles)
     return EndpointPickerConfig(plugins=plugins, profiles=profiles, handler=handler)
+
+
+def config_from_args(args: list[str], base_dir: Path | None = None) -> str | None:
+    """Return the config text named by a scheduler container's `--config-text` or `--config-file`.
+
+    Both `--flag value` and `--flag=value` forms are accepted, as llm-d's endpoint picker
+    takes them. A relative `--config-file` path is resolved against `base_dir` (the
+    directory of the ConfigMap mount in local mode). Returns None when neither flag is
+    present. Raises ConfigError when the file cannot be read or both flags are given.
+    """
+    values: dict[str, str] = {}
+    iterator = iter(range(len(args)))
+    for index in iterator:
+        arg = args[index]
+        for flag in ("--config-text", "--config-file"):
+            if arg == flag and index + 1 < len(args):
+                values[flag] = args[index + 1]
+                next(iterator, None)
+            elif arg.startswith(flag + "="):
+                values[flag] = arg[len(flag) + 1 :]
+    if len(values) > 1:
+        raise ConfigError("scheduler args: give either --config-text or --config-file, not both")
+    if "--config-text" in values:
+        return values["--config-text"]
+    if "--config-file" in values:
+        path = Path(values["--config-file"])
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"scheduler args: cannot read --config-file {path}: {exc}") from exc
+    return None
 
 
 def _load(source: str | Mapping[str, Any] | None) -> Mapping[str, Any] | None:
