@@ -182,3 +182,32 @@ def test_config_named_like_preset_replaces_it():
     replacement = config("kserve-config-llm-template", template={"containers": [_container(image="site:1")]})
     resolved = _resolve(minimal_service(), replacement)
     assert resolved.main_container == {"name": "main", "image": "site:1"}
+
+
+def _example_specs():
+    from spec_factory import EXAMPLES, SHAPE_FILES
+    import yaml
+
+    from llmisvc.api.presets import load_presets
+
+    specs = [yaml.safe_load((EXAMPLES / name).read_text())["spec"] for name in SHAPE_FILES]
+    return specs + [preset.spec for preset in load_presets().values()]
+
+
+@pytest.mark.parametrize("index", range(len(_example_specs())))
+def test_merge_with_itself_unchanged(index):
+    spec = _example_specs()[index]
+    assert merge(spec, spec) == spec
+
+
+@pytest.mark.parametrize("index", range(len(_example_specs())))
+def test_merge_with_empty_unchanged(index):
+    spec = _example_specs()[index]
+    assert merge(spec, {}) == spec
+    assert merge({}, spec) == spec
+
+
+def test_merge_layers_associative_on_presets():
+    specs = _example_specs()
+    for first, second, third in zip(specs, specs[1:], specs[2:]):
+        assert merge(merge(first, second), third) == merge(first, merge(second, third))
