@@ -69,8 +69,8 @@ def check_metadata(doc: dict, errors: list[FieldError]) -> None:
 
 
 def _is_qualified_name(key: str) -> bool:
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not DNS1123_SUBDOMAIN.match(prefix)):
         return False
     return len(name) <= MAX_NAME_LENGTH and LABEL_NAME.match(name) is not None
 
