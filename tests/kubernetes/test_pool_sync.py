@@ -76,11 +76,13 @@ def test_discover_feeds_gateway(tmp_path):
                      "--admin-token-file", str(token_file)], tmp_path / "gateway.log")
     discover = start(["discover", "--config", str(config), "--gateway-url", f"http://127.0.0.1:{port}",
                       "--admin-token-file", str(token_file), "--api-server", server.url,
-                      "--resend-seconds", "2"], tmp_path / "discover.log")
+                      "--resend-seconds", "2", "--ready-file", str(tmp_path / "synced")],
+                     tmp_path / "discover.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=gateway)
         wait_for(lambda: gateway_addresses(port) == ["10.1.0.1:8000", "10.1.0.2:8000"],
                  "both pods in the gateway")
+        assert wait_for(lambda: (tmp_path / "synced").exists(), "the ready file")
 
         # A pod deleted while the watch is down, its DELETED event lost, leaves after the re-list.
         server.delete("v1", "Pod", NAMESPACE, "sync-a-prefill-1", silent=True)

@@ -47,6 +47,8 @@ def add_parser(subparsers, name: str, help: str) -> None:
                             help="seconds between re-sends of an unchanged entry (default 30)")
         parser.add_argument("--watch-timeout", type=int, default=300,
                             help="seconds before each pod watch is closed and re-listed (default 300)")
+        parser.add_argument("--ready-file", type=Path, default=None,
+                            help="file to create once the gateway has the service (for a readiness probe)")
         parser.set_defaults(func=run_discover_command)
     else:
         parser = subparsers.add_parser(name, help=help, description=help)
@@ -77,7 +79,8 @@ def run_discover_command(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         sync = GatewaySync(client, config, args.gateway_url, token,
-                           resend_seconds=args.resend_seconds, watch_timeout=args.watch_timeout)
+                           resend_seconds=args.resend_seconds, watch_timeout=args.watch_timeout,
+                           ready_file=args.ready_file)
         try:
             await sync.run()
         finally:

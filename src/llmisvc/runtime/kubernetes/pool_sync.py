@@ -56,11 +56,15 @@ class GatewaySync:
     """Send the service entry with the current endpoints to the gateway's admin API."""
 
     def __init__(self, client: KubeClient, config: dict, gateway_url: str, admin_token: str,
-                 *, resend_seconds: float = 30.0, watch_timeout: int = 300):
+                 *, resend_seconds: float = 30.0, watch_timeout: int = 300,
+                 ready_file: Path | None = None):
         self.config = config
         self.gateway_url = gateway_url.rstrip("/")
         self.admin_token = admin_token
         self.resend_seconds = resend_seconds
+        # Created after the first successful send, for the container's readiness probe: the
+        # pod takes no traffic before the gateway knows the service.
+        self.ready_file = ready_file
         self.endpoints: list[dict] = []
         self.sent = 0
         self._changed = asyncio.Event()
@@ -97,6 +101,8 @@ class GatewaySync:
             if response.status >= 400:
                 raise RuntimeError(f"PUT {url} failed with {response.status}: {await response.text()}")
         self.sent += 1
+        if self.ready_file is not None and self.sent == 1:
+            self.ready_file.touch()
         logger.info("sent %d endpoints of %s/%s to the gateway", len(self.endpoints),
                     self.config["namespace"], self.config["name"])
 

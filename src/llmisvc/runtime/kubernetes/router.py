@@ -23,6 +23,7 @@ CONFIG_FILE = "service.yaml"
 EPP_CONFIG_DIR = "/etc/llmisvc/epp"
 TOKEN_DIR = "/var/run/llmisvc"
 TOKEN_FILE = f"{TOKEN_DIR}/admin-token"
+READY_FILE = "/tmp/llmisvc-service-synced"
 POOL_API_VERSION = "inference.networking.k8s.io/v1"
 GATEWAY_API_VERSION = "gateway.networking.k8s.io/v1"
 
@@ -105,8 +106,10 @@ def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
         "command": ["llmisvc", "discover"],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_FILE}",
                  "--gateway-url", f"http://127.0.0.1:{GATEWAY_PORT}",
-                 "--admin-token-file", TOKEN_FILE],
+                 "--admin-token-file", TOKEN_FILE,
+                 "--ready-file", READY_FILE],
         "volumeMounts": [config_mount, {**token_mount, "readOnly": True}],
+        "readinessProbe": {"exec": {"command": ["test", "-f", READY_FILE]}, "periodSeconds": 2},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
     }
     token = {
