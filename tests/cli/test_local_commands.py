@@ -182,6 +182,39 @@ def test_prefill_decode_runs_split(env):
     assert "PrefillWorkloadReady" in info
 
 
+def sim_config(name: str, args: list[str]) -> dict:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "LLMInferenceServiceConfig",
+        "metadata": {"name": name},
+        "spec": {"template": {"containers": [{"name": "main", "args": args}]}},
+    }
+
+
+def test_config_change_reconciles_dependents(env):
+    service = sim_service("based", replicas=1)
+    del service["spec"]["template"]
+    service["spec"]["baseRefs"] = [{"name": "sim-args"}]
+    applied = cli(env, "apply", "-f", str(write(env, "based", sim_config("sim-args", ["--itl-ms", "2"]), service)))
+    assert applied.returncode == 0, applied.stderr
+    assert "llminferenceserviceconfig.serving.kserve.io/default/sim-args configured" in applied.stdout
+    before = json.loads(cli(env, "get", "based", "-o", "json").stdout)
+
+    invalid = cli(env, "apply", "-f", str(write(env, "bad-config", sim_config("sim-args", ["--no-such-flag"]))))
+    assert invalid.returncode == 1
+    assert "its baseRefs name a config in this file" in invalid.stderr
+    assert "--no-such-flag" in invalid.stderr
+
+    changed = cli(env, "apply", "-f", str(write(env, "new-config", sim_config("sim-args", ["--itl-ms", "3"]))))
+    assert changed.returncode == 0, changed.stderr
+    assert "default/based configured (generation 2)" in changed.stderr
+    text = cli(env, "describe", "based").stdout
+    assert "--itl-ms 3" in text
+    assert "RolledOut" in text
+    assert before["status"]["observedGeneration"] == 1
+    assert cli(env, "delete", "based").returncode == 0
+
+
 def test_gateway_port_mismatch_warns(env):
     path = write(env, "one", sim_service("one", replicas=2))
     result = cli(env, "apply", "-f", str(path), "--gateway-port", str(free_port()))

@@ -211,6 +211,13 @@ class ControlServer:
                 plans.append((resource, self.plan(resource, new_configs)))
             except (SpecError, PlanError) as exc:
                 errors.append(f"{SERVICE_KIND} {resource.namespace}/{resource.name}:\n{exc}")
+        # Stored services whose baseRefs name a config in this file are planned again, as
+        # the KServe controller reconciles a service when a config it references changes.
+        for resource in self._dependents(new_configs, {(r.namespace, r.name) for r, _ in plans}):
+            try:
+                plans.append((resource, self.plan(resource, new_configs)))
+            except (SpecError, PlanError) as exc:
+                errors.append(f"{SERVICE_KIND} {resource.namespace}/{resource.name} (its baseRefs name a config in this file):\n{exc}")
         if errors:
             raise ApplyRejected("\n".join(errors))
 
@@ -232,6 +239,19 @@ class ControlServer:
             await service.reconcile(plan, progress, request.get("wait_timeout_s"))
             results.append(self._summary(service, generation))
         return {"services": results, "configs": [f"{c.namespace}/{c.name}" for c in new_configs]}
+
+    def _dependents(self, configs: list, skip: set[tuple[str, str]]) -> list:
+        """Return stored service resources outside `skip` whose baseRefs name one of `configs`."""
+        names = {config.name for config in configs}
+        dependents = []
+        for stored in self._context.store.list_services():
+            refs = {ref.get("name") for ref in (stored.resource.get("spec") or {}).get("baseRefs") or []}
+            if (stored.namespace, stored.name) in skip or not refs & names:
+                continue
+            resource, _ = load_document(stored.resource)
+            if resource is not None:
+                dependents.append(resource)
+        return dependents
 
     def plan(self, resource, new_configs: list) -> Plan:
         """Resolve `resource` against stored and newly applied configs and plan it."""
@@ -268,7 +288,7 @@ class ControlServer:
                 changes.append(f"stop the {old.component} workload")
         if before.stopped != plan.stopped:
             changes.append("stop all replicas" if plan.stopped else "start replicas again")
-        if stored.resource != resource.obj:
+        if stored.resource != resource.obj or before.to_dict() != plan.to_dict():
             return {"service": plan.key, "action": "configure", "changes": changes or ["update routing settings"]}
         return {"service": plan.key, "action": "unchanged", "changes": changes}
 
