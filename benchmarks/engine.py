@@ -13,7 +13,7 @@ Measures, in bfloat16 on the embedded SmolLM2-135M GGUF:
 - llama.cpp through `llama-cpp-python` on the same GGUF file: prefill and batched decode.
 
 All systems run in one invocation with the same thread count, interleaved over `--rounds`
-rounds; each number is the best round, because other processes on a shared machine only
+rounds. Each number is the best round, because other processes on a shared machine only
 ever slow a round down. The llama.cpp reference lives in its own virtualenv under
 `~/.cache/llmisvc-bench/` (created on first use; building llama-cpp-python from source takes
 15-20 minutes on 2 cores). Prints a table and writes `benchmarks/results/engine.json`.
@@ -132,7 +132,7 @@ def measure_engine_core(runner: ModelRunner, decode_tokens: int) -> dict[str, fl
                 *(run_one(engine, f"cb-{i}", prompt, decode_tokens) for i, prompt in enumerate(prompts))
             )
             # Steady decode window: from the moment every request has its first token until
-            # the last finishes, the batch holds all 32 sequences.
+            # the last finishes, the batch contains all 32 sequences.
             all_started = max(first for _submitted, first, _end, _count in runs)
             finished = max(end for _submitted, _first, end, _count in runs)
             total = sum(count for *_rest, count in runs)

@@ -36,7 +36,7 @@ def main() -> None:
     llama_cpp.llama_backend_init()
     model_params = llama_cpp.llama_model_default_params()
     # llama-cpp-python 0.3.36 built with GGML_NATIVE on an AMX-capable Xeon crashed
-    # (SIGSEGV in llama_decode) with the AMX repacked weight buffers; the plain CPU buffers
+    # (SIGSEGV in llama_decode) with the AMX repacked weight buffers. The plain CPU buffers
     # run the same Q4_1 weights with AVX-512 kernels.
     model_params.use_extra_bufts = False
     model = llama_cpp.llama_model_load_from_file(path.encode(), model_params)

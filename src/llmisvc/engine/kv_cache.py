@@ -11,10 +11,10 @@ Two stores, each used where it is fast:
   (gathering blocks per layer measured 35% slower at batch 16 on a 2-core CPU with
   SmolLM2-135M than a contiguous per-sequence cache).
 
-Blocks move between the two only at block granularity events: a sequence's cached prefix is
-copied from the pool into its slot once, when it is admitted; each block is copied out to
-the pool once, when the sequence fills it (and a partial last block when the sequence is
-freed, so a finished prefill can be exported). Running sequences occupy slots 0..n-1 without
+Blocks move between the two stores at block events only. A sequence's cached prefix is
+copied from the pool into its slot once, when it is admitted. Each block is copied out to
+the pool once, when the sequence fills it, and a partial last block is copied out when the
+sequence is freed, so a finished prefill can be exported. Running sequences occupy slots 0..n-1 without
 holes (a freed slot is filled by moving the last one), so a decode batch of all running
 sequences is one strided view of the buffer.
 """
@@ -121,7 +121,7 @@ class KVCache:
         self._maybe_shrink()
 
     def set_length(self, slot: int, length: int) -> None:
-        """Record that `slot` holds valid K/V for positions [0, length)."""
+        """Record that `slot` contains valid K/V for positions [0, length)."""
         self._lengths[slot] = length
 
     def ensure_capacity(self, length: int) -> None:
@@ -158,7 +158,7 @@ class KVCache:
         # Give memory back after long sequences leave, with a factor-4 hysteresis so that
         # finishes do not reallocate every time. An idle cache keeps its buffer, because the
         # next request would otherwise pay the reallocation on its time to first token.
-        # NOTE: so an idle replica holds the working buffer of its busiest moment
+        # NOTE: so an idle replica keeps the working buffer of its busiest moment
         # (slots x longest length x bytes per token) until the next request arrives.
         if not self._seq_in_slot:
             return

@@ -82,7 +82,12 @@ class ModelConfig:
         num_heads = int(config["num_attention_heads"])
         hidden_size = int(config["hidden_size"])
         eos = config.get("eos_token_id")
-        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        if eos is None:
+            eos_ids = []
+        elif isinstance(eos, int):
+            eos_ids = [eos]
+        else:
+            eos_ids = [int(token) for token in eos]
         is_qwen2 = architecture == "Qwen2ForCausalLM"
         return cls(
             architecture=architecture,
@@ -97,7 +102,7 @@ class ModelConfig:
             rope_theta=float(rope_theta),
             max_model_len=int(config.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v bias; Llama has it only when `attention_bias` says so.
+            # Qwen2 always has q/k/v bias, Llama only when `attention_bias` is true.
             attention_bias=is_qwen2 or bool(config.get("attention_bias", False)),
             rope_scaling=rope_scaling,
             bos_token_id=config.get("bos_token_id"),

@@ -1,7 +1,7 @@
 """ModelRunner: weights, tokenizer and KV storage behind one `execute()` call per engine step.
 
-The engine core decides what runs (which sequences, which chunk of each prompt, which block
-ids); the runner turns that into one batched forward pass and returns next-token logits.
+The engine core decides what runs: which sequences, which chunk of each prompt, which block
+ids. The runner turns that into one batched forward pass and returns next-token logits.
 Block ids belong to the core: block `i` of a sequence's `block_table` holds the K/V of
 positions `[i * block_size, (i + 1) * block_size)`. Blocks covering positions before a new
 sequence's `start_pos` are treated as already computed (prefix-cache hits or imported KV).
@@ -128,7 +128,7 @@ class ModelRunner:
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:
         """Run one forward step and return float32 logits `[len(inputs), vocab]` on the CPU.
 
-        Row `i` holds the next-token logits after the last token of `inputs[i]`. Each
+        Row `i` contains the next-token logits after the last token of `inputs[i]`. Each
         sequence appears at most once. Raises `ValueError` for an empty entry, a `start_pos`
         beyond what the sequence has computed, a length over `max_model_len`, or a block
         table too short for the positions.
@@ -227,7 +227,7 @@ class ModelRunner:
         length = len(entry.token_ids)
         mask = None
         if entry.start_pos > 0:
-            # Query i (position start_pos + i) sees keys 0 .. start_pos + i.
+            # Query i (position start_pos + i) attends to keys 0 .. start_pos + i.
             end = entry.start_pos + length
             query_pos = torch.arange(entry.start_pos, end, device=self.device).unsqueeze(1)
             allowed = torch.arange(end, device=self.device).unsqueeze(0) <= query_pos

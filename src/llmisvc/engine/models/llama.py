@@ -37,7 +37,7 @@ class PrefillSegment:
 
 @dataclass
 class AttentionBatch:
-    """Where each token of a step lives in the KV working buffer.
+    """Locations of a step's tokens in the KV working buffer.
 
     Rows [0, num_decode) are single tokens of distinct sequences, attended as one padded
     batch over the whole slot capacity. `decode_rows` indexes each token's K/V row in a
@@ -237,10 +237,10 @@ class LlamaModel:
 
         count = batch.num_decode
         if count:
-            # Scatter this step's K/V rows, then attend over every position of the slots:
-            # bmm on a contiguous [slots * kv_heads, capacity, head_dim] view costs less
-            # than the copy that slicing to the longest length would trigger (CPU bmm clones
-            # inputs whose batch stride is not rows * columns).
+            # Scatter this step's K/V rows, then attend over every position of the slots.
+            # CPU bmm clones inputs whose batch stride is not rows * columns, so slicing to
+            # the longest length would copy K/V each layer. A contiguous
+            # [slots * kv_heads, capacity, head_dim] view with a padding mask costs less.
             capacity = key_buffer.shape[2]
             key_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, key[:count].reshape(-1, head_dim))
             value_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, value[:count].reshape(-1, head_dim))
