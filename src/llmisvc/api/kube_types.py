@@ -593,7 +593,7 @@ HTTPRouteFilter = obj(
     ),
     urlRewrite=obj("HTTPURLRewriteFilter", hostname=PreciseHostname, path=HTTPPathModifier),
 )
-HTTPRouteFilters = array(HTTPRouteFilter).sized(None, 16)
+HTTPRouteFilters = array(HTTPRouteFilter, "Filters applied to matching requests, in order.").sized(None, 16)
 MatchType = Str.one_of("Exact", "RegularExpression").defaulting("Exact")
 DEFAULT_PATH_MATCH = {"type": "PathPrefix", "value": "/"}
 HTTPRouteRule = obj(
@@ -627,7 +627,7 @@ HTTPRouteRule = obj(
             name=HeaderName, type=MatchType, value=Str.length(1, 1024),
         )).sized(None, 16).keyed("name"),
     )).sized(None, 64).defaulting([{"path": dict(DEFAULT_PATH_MATCH)}]),
-    name=Str.matching(DNS_SUBDOMAIN).length(1, 253),
+    name=Str.matching(DNS_SUBDOMAIN).length(1, 253).doc("Rule name, for status and policy references."),
     retry=obj("HTTPRouteRetry", attempts=Int, backoff=Duration, codes=array(Int.bounded(400, 599))),
     sessionPersistence=obj(
         "SessionPersistence",
@@ -637,15 +637,22 @@ HTTPRouteRule = obj(
         sessionName=Str.length(None, 128),
         type=Str.one_of("Cookie", "Header").defaulting("Cookie"),
     ),
-    timeouts=obj("HTTPRouteTimeouts", backendRequest=Duration, request=Duration),
+    timeouts=obj(
+        "HTTPRouteTimeouts",
+        "Request timeouts; 0s disables a timeout, which long streamed generations need.",
+        backendRequest=Duration.doc("Timeout of one request to a backend; at most `request`."),
+        request=Duration.doc("Timeout of the whole client request."),
+    ),
 )
 HTTPRouteSpec = obj(
     "HTTPRouteSpec",
     "A Gateway API HTTPRoute spec managed for the service (Kubernetes); locally the "
     "llmisvc gateway serves the route itself.",
-    hostnames=array(Str.matching(WILDCARD_HOSTNAME).length(1, 253)).sized(None, 16),
-    parentRefs=array(ParentReference).sized(None, 32),
-    rules=array(HTTPRouteRule).sized(1, 16).defaulting([{"matches": [{"path": dict(DEFAULT_PATH_MATCH)}]}]),
+    hostnames=array(Str.matching(WILDCARD_HOSTNAME).length(1, 253), "Host names the route answers for.").sized(None, 16),
+    parentRefs=array(ParentReference, "Gateways (or other parents) the route attaches to.").sized(None, 32),
+    rules=array(HTTPRouteRule, "Routing rules: matches, filters and backends.").sized(1, 16).defaulting(
+        [{"matches": [{"path": dict(DEFAULT_PATH_MATCH)}]}]
+    ),
     useDefaultGateways=Str.one_of("All", "None"),
 )
 
@@ -669,7 +676,9 @@ InferencePoolSpecV1 = obj(
         "LabelSelector", required=("matchLabels",),
         matchLabels=string_map(Str.matching(LABEL_VALUE).length(0, 63)),
     ),
-    targetPorts=array(obj("Port", required=("number",), number=PortNumber)).sized(1, 8),
+    targetPorts=array(
+        obj("Port", required=("number",), number=PortNumber), "Ports of the model servers that receive traffic.",
+    ).sized(1, 8),
 )
 InferencePoolSpecV1Alpha2 = obj(
     "InferencePoolSpec",
