@@ -85,9 +85,10 @@ def test_publisher_frames_and_replay():
     )
     publisher = ZmqEventPublisher(config, "kv@test@m")
     try:
-        # PUB drops messages until the connection is up; publish until one arrives.
+        # PUB drops messages until the connection is up (seconds on a loaded machine), so
+        # publish until one arrives.
         frames = None
-        for _ in range(50):
+        for _ in range(300):
             publisher.publish([BlockRemoved([1])])
             frames = receive(socket, 0.1)
             if frames:
@@ -166,6 +167,19 @@ def collect_events(socket: zmq.Socket, until, timeout: float = 60.0) -> list[tup
 @pytest.mark.e2e
 def test_engine_publishes_stored_and_removed(engine_with_events):
     base, port, socket = engine_with_events
+    # PUB drops messages until the subscriber's connection is up, which on a loaded machine
+    # can take seconds: send small prompts until their events arrive.
+    deadline = time.monotonic() + 120
+    warm = 0
+    while receive(socket, 1.0) is None:
+        assert time.monotonic() < deadline, "no KV event arrived within 120s"
+        warm_ids = [9000 + warm * 20 + i for i in range(20)]
+        warm += 1
+        body = {"model": MODEL, "prompt": warm_ids, "max_tokens": 1}
+        assert requests.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
+    while receive(socket, 0.5) is not None:
+        pass
+
     ids = [2000 + i for i in range(100)]
     expected = hash_blocks(ids, 16)
     body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0}
