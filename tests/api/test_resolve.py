@@ -165,6 +165,14 @@ def test_config_text_and_inline_rejected():
     assert "more than once" in str(info.value)
 
 
+def test_config_file_and_inline_rejected():
+    service = _pd_with_scheduler_args(["--config-file", "/etc/epp/config.yaml"])
+    service["spec"]["router"]["scheduler"]["config"] = {"inline": {"plugins": []}}
+    with pytest.raises(SpecError) as info:
+        _resolve(service)
+    assert "--config-file, spec.router.scheduler.config.inline" in str(info.value)
+
+
 def test_config_text_invalid_yaml_rejected():
     with pytest.raises(SpecError) as info:
         _resolve(_pd_with_scheduler_args(["--config-text", "plugins: [unclosed"]))

@@ -68,13 +68,15 @@ def move_config_text_to_inline(spec: dict) -> str | None:
         if "args" in container:
             container["args"] = remaining_args
 
+    config = spec.get("router", {}).get("scheduler", {}).get("config") or {}
+    sources = [p for p, _ in found] + (["--config-file"] if config_file else []) + \
+        [f"spec.router.scheduler.config.{key}" for key in ("inline", "ref") if key in config]
+    if len(sources) > 1:
+        raise SpecError.single("spec.router.scheduler.config",
+                               f"EndpointPickerConfig given more than once ({', '.join(sources)}): keep one")
     if not found:
         return config_file
     config = spec["router"]["scheduler"].setdefault("config", {})
-    if len(found) > 1 or "inline" in config or "ref" in config:
-        where = ", ".join(p for p, _ in found)
-        raise SpecError.single("spec.router.scheduler.config",
-                               f"EndpointPickerConfig given more than once ({where} and config): keep one")
     path, text = found[0]
     try:
         parsed = yaml.safe_load(text)
