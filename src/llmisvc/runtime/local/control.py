@@ -211,8 +211,8 @@ class ControlServer:
                 plans.append((resource, self.plan(resource, new_configs)))
             except (SpecError, PlanError) as exc:
                 errors.append(f"{SERVICE_KIND} {resource.namespace}/{resource.name}:\n{exc}")
-        # Stored services whose baseRefs name a config in this file are planned again, as
-        # the KServe controller reconciles a service when a config it references changes.
+        # Stored services whose baseRefs name a config in this file are planned again, so a
+        # config change reaches every service built on it.
         for resource in self._dependents(new_configs, {(r.namespace, r.name) for r, _ in plans}):
             try:
                 plans.append((resource, self.plan(resource, new_configs)))
