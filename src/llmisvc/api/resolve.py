@@ -40,7 +40,6 @@ DEFAULT_GLOBAL_CONFIG: dict[str, str] = {
 }
 
 
-
 @dataclass
 class ResolvedService:
     """The desired state of one LLMInferenceService after presets, baseRefs and templates.
