@@ -3,8 +3,9 @@
 Core and apps kinds are checked with `kubernetes-validate` (the official OpenAPI schemas,
 strict mode: unknown fields fail). Gateway API (v1.6.1), InferencePool (Inference Extension
 v1.6.0) and KServe (v0.20.0) kinds are checked against the openAPIV3Schema of their upstream
-CRDs. Unknown fields are rejected there too, as `kubectl apply --validate=strict` does.
-NOTE: the CRDs' CEL rules (`x-kubernetes-validations`) are not evaluated here.
+CRDs. Unknown fields are rejected there too, as `kubectl apply --validate=strict` does, and
+the CRDs' CEL rules (`x-kubernetes-validations`) are evaluated with cel-python. Transition
+rules (those reading `oldSelf`) are skipped, because there is no previous object.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -85,6 +87,42 @@ def schema_errors(obj: dict, schema: dict) -> list[str]:
     ]
 
 
+_CEL = celpy.Environment()
+
+
+@functools.cache
+def _cel_program(rule: str):
+    return _CEL.program(_CEL.compile(rule))
+
+
+def cel_errors(value, schema: dict, path: str = "") -> list[str]:
+    """Return `path: message` for every CEL rule of `schema` that `value` fails."""
+    if value is None or not isinstance(schema, dict):
+        return []
+    errors = []
+    for validation in schema.get("x-kubernetes-validations") or []:
+        rule = validation["rule"]
+        if "oldSelf" in rule:
+            continue
+        try:
+            result = _cel_program(rule).evaluate({"self": celpy.json_to_cel(value)})
+        except celpy.CELEvalError as error:
+            result = error
+        if isinstance(result, celpy.CELEvalError) or not bool(result):
+            message = validation.get("message") or f"failed rule {rule}"
+            errors.append(f"{path or '<root>'}: {message}")
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if key in (schema.get("properties") or {}):
+                errors += cel_errors(child, schema["properties"][key], f"{path}.{key}".lstrip("."))
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += cel_errors(child, schema["additionalProperties"], f"{path}.{key}".lstrip("."))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            errors += cel_errors(item, schema["items"], f"{path}[{index}]")
+    return errors
+
+
 def validate_object(obj: dict) -> list[str]:
     """Return validation errors of one rendered object; empty when valid.
 
@@ -99,7 +137,8 @@ def validate_object(obj: dict) -> list[str]:
             return [f"{'.'.join(str(p) for p in error.path)}: {error.message}"]
         return []
     if (api_version, kind) in CRD_FILES:
-        return schema_errors(obj, upstream_schema(api_version, kind))
+        schema = upstream_schema(api_version, kind)
+        return schema_errors(obj, schema) + cel_errors(obj, schema)
     if kind == "LeaderWorkerSet":
         errors = []
         lws = obj["spec"]["leaderWorkerTemplate"]

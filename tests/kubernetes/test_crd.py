@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from k8s_schemas import crd_version_schema, schema_errors, upstream_schema, validate_object
+from k8s_schemas import cel_errors, crd_version_schema, schema_errors, upstream_schema, validate_object
 
 from llmisvc.runtime.kubernetes.crd import generate_crds
 from support import LLMISVC, REPO
@@ -56,7 +56,9 @@ def test_sample_valid_for_kserve_and_llmisvc(path, crds):
         pytest.skip(f"{path.name} has no LLMInferenceService")
     for doc in documents:
         version = doc["apiVersion"].rsplit("/", 1)[-1]
-        assert schema_errors(doc, upstream_schema(doc["apiVersion"], doc["kind"])) == []
+        kserve = upstream_schema(doc["apiVersion"], doc["kind"])
+        assert schema_errors(doc, kserve) == []
+        assert cel_errors(doc, kserve) == []
         ours = crd_version_schema(crds["LLMInferenceService"], version)
         assert schema_errors(doc, ours) == []
 
@@ -92,3 +94,10 @@ def test_install_print_emits_valid_manifests():
     deployment = next(doc for doc in documents if doc["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["llmisvc", "operator"]
+
+
+def test_kserve_cel_rules_enforced():
+    doc = llmisvc_documents(HERE / "samples" / "scaling.yaml")[0]
+    del doc["spec"]["scaling"]["wva"]
+    errors = cel_errors(doc, upstream_schema(doc["apiVersion"], doc["kind"]))
+    assert any("wva is required" in error for error in errors), errors

@@ -304,6 +304,16 @@ def test_validation_rejects_unknown_fields():
     assert validate_object(pool) != []
 
 
+def test_validation_runs_cel_rules():
+    objects = by_key(render("pd"))
+    route = objects[("HTTPRoute", "llama-pd-kserve-route")]
+    del route["spec"]["rules"][0]["backendRefs"][0]["port"]
+    assert any("Must have port for Service reference" in e for e in validate_object(route))
+    pool = objects[("InferencePool", "llama-pd-inference-pool")]
+    pool["spec"]["targetPorts"] = [{"number": 8000}, {"number": 8000}]
+    assert any("port number must be unique" in e for e in validate_object(pool))
+
+
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
 
