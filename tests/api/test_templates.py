@@ -158,3 +158,14 @@ def test_child_name_properties(parent, suffix):
         assert len(name) <= 63
         assert name == "" or name[-1].isalnum()
     assert child_name(parent, suffix) == name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='{}-. "`\\abcOMNGCehijlmnoprstuy', max_size=60))
+def test_render_string_fails_only_with_template_errors(text):
+    try:
+        rendered = render_string(text, CONTEXT)
+    except (KeyError, ValueError):
+        return
+    if "{{" not in text:
+        assert rendered == text
