@@ -101,3 +101,31 @@ def test_kserve_cel_rules_enforced():
     del doc["spec"]["scaling"]["wva"]
     errors = cel_errors(doc, upstream_schema(doc["apiVersion"], doc["kind"]))
     assert any("wva is required" in error for error in errors), errors
+
+
+def structural_problems(node: dict, path: str = "") -> list[str]:
+    """Return where `node` breaks the API server's structural-schema rules for CRDs."""
+    problems = []
+    int_or_string = node.get("x-kubernetes-int-or-string")
+    preserve = node.get("x-kubernetes-preserve-unknown-fields")
+    if not node.get("type") and not int_or_string and not preserve:
+        problems.append(f"{path or '<root>'}: no type")
+    if "anyOf" in node and not int_or_string:
+        problems.append(f"{path}: anyOf outside int-or-string")
+    if "properties" in node and "additionalProperties" in node:
+        problems.append(f"{path}: both properties and additionalProperties")
+    for name, child in (node.get("properties") or {}).items():
+        problems += structural_problems(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        problems += structural_problems(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        problems += structural_problems(node["additionalProperties"], f"{path}{{}}")
+    return problems
+
+
+def test_generated_schemas_structural(crds):
+    for crd in crds.values():
+        for version in crd["spec"]["versions"]:
+            schema = version["schema"]["openAPIV3Schema"]
+            assert structural_problems(schema) == [], (crd["metadata"]["name"], version["name"])
+            assert schema["properties"]["metadata"] == {"type": "object"}
