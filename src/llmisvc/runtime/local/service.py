@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-# How often `apply` reports which replicas are still loading.
+# How often `apply` reports which replicas are still loading: at most every 5 seconds when
+# something changed, and every 30 seconds when nothing did.
 _PROGRESS_INTERVAL_S = 5.0
+_QUIET_PROGRESS_INTERVAL_S = 30.0
 
 
 class ReconcileError(RuntimeError):
@@ -287,6 +289,7 @@ class ServiceRuntime:
         timeout_s = timeout_s or max((w.startup_timeout_s for w in self.plan.workloads), default=60.0)
         deadline = time.monotonic() + timeout_s
         last_report = 0.0
+        last_status = ""
         while True:
             replicas = self.all_replicas()
             if all(replica.ready for replica in replicas):
@@ -296,9 +299,14 @@ class ServiceRuntime:
                 raise ReconcileError(f"replicas in CrashLoopBackOff: {', '.join(looping)}; run `llmisvc describe {self.name}`")
             if time.monotonic() > deadline:
                 raise ReconcileError(f"timed out after {timeout_s:.0f}s waiting for replicas to become ready; run `llmisvc describe {self.name}`")
-            if time.monotonic() - last_report >= _PROGRESS_INTERVAL_S:
-                last_report = time.monotonic()
-                progress(self._loading_line([replica for replica in replicas if not replica.ready]))
+            # Report when a replica's state or last log line changed, and otherwise now and
+            # then, so a long model load shows it is alive without flooding the terminal.
+            waiting = [replica for replica in replicas if not replica.ready]
+            status = "|".join(f"{r.id}:{r.state}:{_last_line(Path(r.record.log_path))}" for r in waiting)
+            since_report = time.monotonic() - last_report
+            if (status != last_status and since_report >= _PROGRESS_INTERVAL_S) or since_report >= _QUIET_PROGRESS_INTERVAL_S:
+                last_report, last_status = time.monotonic(), status
+                progress(self._loading_line(waiting))
             await asyncio.sleep(0.2)
 
     def _loading_line(self, replicas: list[Replica]) -> str:
