@@ -108,6 +108,7 @@ def test_invalid_values_name_the_parameter(fields, param):
         ({"best_of": 3}, "best_of"),
         ({"guided_json": {}}, "guided_json"),
         ({"frobnicate": 1}, "frobnicate"),
+        ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
         ({"echo": True}, "echo"),
     ],
 )

@@ -62,11 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
         action="extend",
         help="model names accepted in requests (repeatable; the first is reported in responses and metrics)",
     )
+
     parser.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's)")
     parser.add_argument("--max-num-seqs", type=int, default=128, help="maximum sequences per step (default 128)")
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget per step for prefill chunks and decodes (default 2048)"
     )
+
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     parser.add_argument(
         "--enable-prefix-caching",
@@ -85,20 +87,25 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
         type=parse_size,
         help="KV-cache pool size in bytes (units like 2GiB accepted); default: 10%% of RAM up to 4 GiB on CPU",
     )
+
     parser.add_argument("--kv-transfer-config", type=_json_object, help="KV-transfer connector settings as JSON (vLLM's KVTransferConfig fields)")
     parser.add_argument(
         "--kv-events-config",
         type=_json_object,
         help='KV-cache event publishing as JSON, e.g. {"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557"}',
     )
+
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="weight and activation dtype (auto: bfloat16)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler for requests without their own seed (default 0)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
     parser.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="require this Bearer key on /v1 endpoints (default: $VLLM_API_KEY)")
+
     parser.add_argument("--tensor-parallel-size", "-tp", type=_only_one, default=1, help="must be 1 (one device)")
     parser.add_argument("--pipeline-parallel-size", "-pp", type=_only_one, default=1, help="must be 1 (one device)")
     parser.add_argument("--data-parallel-size", "-dp", type=_only_one, default=1, help="must be 1; run replicas instead")
+
     parser.set_defaults(func=run)
     return parser
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,7 @@ class EngineServer:
         _, serving = self._require_engine()
         parsed = openai.parse_completion_request(await self._json(request))
         self._check_model(parsed.model)
-        request_id = openai.new_request_id("completion")
+        request_id = _response_id("cmpl", parsed.request_id)
         logger.debug("request %s (x-request-id %s): completion", request_id, request.get("request_id"))
         return await serving.completions(request, parsed, request_id)
 
@@ -177,7 +178,7 @@ class EngineServer:
         _, serving = self._require_engine()
         parsed = openai.parse_chat_request(await self._json(request))
         self._check_model(parsed.model)
-        request_id = openai.new_request_id("chat")
+        request_id = _response_id("chatcmpl", parsed.request_id)
         logger.debug("request %s (x-request-id %s): chat", request_id, request.get("request_id"))
         return await serving.chat(request, parsed, request_id)
 
@@ -244,6 +245,16 @@ class EngineServer:
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
             raise BadRequestError(f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
         return web.json_response({"prompt": engine.tokenizer.decode(tokens)})
+
+
+def _response_id(prefix: str, client_id: str | None) -> str:
+    """Return the response id: the client's `request_id` field (prefixed) or a fresh one.
+
+    A random suffix keeps engine-internal ids unique when clients reuse a request_id.
+    """
+    if client_id:
+        return f"{prefix}-{client_id}-{uuid.uuid4().hex[:8]}"
+    return openai.new_request_id("chat" if prefix == "chatcmpl" else "completion")
 
 
 _TOKENIZE_CHAT_KEYS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})

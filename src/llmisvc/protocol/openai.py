@@ -309,6 +309,8 @@ def _parse_options(body: dict[str, Any], *, chat: bool) -> SamplingOptions:
             raise _unsupported(param)
     if body.get("priority") not in (None, 0):
         raise _unsupported("priority", "request priorities")
+    if body.get("spaces_between_special_tokens") is False:
+        raise _unsupported("spaces_between_special_tokens", "spaces_between_special_tokens: false")
 
     options = SamplingOptions(
         max_tokens=_max_tokens(body, chat),
