@@ -340,8 +340,8 @@ def decision_latency(endpoints: int = 64, prompt_chars: int = 8192, requests: in
     The same request sequence runs `passes` times on fresh schedulers. On a shared,
     oversubscribed host the OS deschedules the process for milliseconds at a time, which
     sets the single-pass tail. Taking each request's fastest pass removes those stalls,
-    because one rarely hits the same request in every pass; that is the `min_of_passes`
-    figure, the decision's own cost.
+    because a stall rarely hits the same request in every pass. The `min_of_passes`
+    figures are therefore the decision's own cost.
     """
     rng = random.Random(seed)
     prefixes = [_text(rng, prompt_chars // 8) for _ in range(128)]

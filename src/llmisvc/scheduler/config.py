@@ -233,15 +233,15 @@ def _parse_plugins(items: Any) -> dict[str, PluginSpec]:
     return plugins
 
 
-def check_parameters(name: str, type_name: str, schema: tuple, given: Any) -> dict[str, Any]:
-    """Return `given` parameters checked against `schema` with defaults filled; raise ConfigError."""
-    if given is None:
-        given = {}
-    if not isinstance(given, Mapping):
+def check_parameters(name: str, type_name: str, schema: tuple, raw_parameters: Any) -> dict[str, Any]:
+    """Return `raw_parameters` checked against `schema` with defaults filled; raise ConfigError."""
+    if raw_parameters is None:
+        raw_parameters = {}
+    if not isinstance(raw_parameters, Mapping):
         raise ConfigError(f"plugin {name!r} (type {type_name}): parameters must be a mapping", plugin=name)
     known = {param.name: param for param in schema}
     result = {}
-    for key, value in given.items():
+    for key, value in raw_parameters.items():
         param = known.get(key)
         if param is None:
             names = ", ".join(sorted(known)) or "none"
