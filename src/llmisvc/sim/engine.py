@@ -277,6 +277,8 @@ class SimEngine:
         if self.config.latency.is_instant:
             return
         # Prefills share the accelerator: each starts when the previous one ends.
+        # NOTE: a request cancelled while queued keeps its reserved slot of the lane, so
+        # later prefills still wait for it (a real engine would reclaim that time).
         start = max(loop.time(), self._prefill_free_at)
         end = self._prefill_free_at = start + duration
         if start > loop.time():
