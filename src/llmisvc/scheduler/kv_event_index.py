@@ -30,8 +30,12 @@ class KVEventIndex:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self._root = root_hash(hash_seed)
-        self._holders: dict[int, set[str]] = {}
+        # Block hash -> bit mask of endpoints, as in PrefixIndex: ints add no objects for
+        # the garbage collector to walk.
+        self._holders: dict[int, int] = {}
         self._blocks: dict[str, set[int]] = {}
+        self._bits: dict[str, int] = {}
+        self._addresses: dict[int, str] = {}
         self._lock = threading.Lock()
         self._on_mismatch = on_mismatch
         self._reported: set[tuple[str, str]] = set()
@@ -46,24 +50,44 @@ class KVEventIndex:
         """Return address -> number of leading blocks of `hashes` the endpoint caches."""
         counts: dict[str, int] = {}
         with self._lock:
-            for position, block_hash in enumerate(hashes):
-                holders = self._holders.get(block_hash)
+            alive = -1  # every bit: endpoints still matching all blocks so far
+            matched = 0
+            for block_hash in hashes:
+                holders = self._holders.get(block_hash, 0) & alive
                 if not holders:
                     break
-                advanced = False
-                for address in holders:
-                    if counts.get(address, 0) == position:
-                        counts[address] = position + 1
-                        advanced = True
-                if not advanced:
-                    break
+                if alive != -1:
+                    self._record(counts, alive & ~holders, matched)
+                alive = holders
+                matched += 1
+            if matched:
+                self._record(counts, alive, matched)
         return counts
+
+    def _record(self, counts: dict[str, int], mask: int, matched: int) -> None:
+        while mask:
+            low = mask & -mask
+            counts[self._addresses[low.bit_length() - 1]] = matched
+            mask ^= low
 
     def remove_endpoint(self, address: str) -> None:
         """Forget every block of `address`."""
         with self._lock:
             for block_hash in self._blocks.pop(address, set()):
                 self._drop(block_hash, address)
+            bit = self._bits.pop(address, None)
+            if bit is not None:
+                del self._addresses[bit]
+
+    def _bit(self, address: str) -> int:
+        bit = self._bits.get(address)
+        if bit is None:
+            bit = 0
+            while bit in self._addresses:
+                bit += 1
+            self._bits[address] = bit
+            self._addresses[bit] = address
+        return 1 << bit
 
     def apply_message(self, topic: bytes, payload: bytes) -> None:
         """Decode one ZMQ message and apply its events; malformed messages are logged and skipped."""
@@ -94,10 +118,11 @@ class KVEventIndex:
                 return
             with self._lock:
                 held = self._blocks.setdefault(address, set())
+                bit = self._bit(address)
                 for block_hash in hashes:
                     block_hash = _unsigned(block_hash)
                     held.add(block_hash)
-                    self._holders.setdefault(block_hash, set()).add(address)
+                    self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
         elif kind == "BlockRemoved":
             hashes = fields["block_hashes"] if fields else event[1]
             with self._lock:
@@ -133,10 +158,14 @@ class KVEventIndex:
 
     def _drop(self, block_hash: int, address: str) -> None:
         holders = self._holders.get(block_hash)
-        if holders is not None:
-            holders.discard(address)
-            if not holders:
-                del self._holders[block_hash]
+        bit = self._bits.get(address)
+        if holders is None or bit is None:
+            return
+        holders &= ~(1 << bit)
+        if holders:
+            self._holders[block_hash] = holders
+        else:
+            del self._holders[block_hash]
 
 
 def _unsigned(value: int) -> int:
