@@ -3,7 +3,7 @@
 Arrivals are Poisson (exponential gaps) or fixed-rate at `request_rate` requests per
 second, or all at once when the rate is infinite. `max_concurrency` caps requests in
 flight in every mode. A multi-turn conversation's next turn is queued when its previous
-answer arrives, so it competes with new arrivals like a user's follow-up would.
+response arrives, so it competes with new arrivals like a user's follow-up would.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
 - `shared-prefix`: `num_groups` groups of `prompts_per_group` prompts. Each group shares a
   system prompt of `prefix_len` tokens, followed by a question of `input_len` tokens, and
   requests are shuffled across groups.
-- `multi-turn`: `num_prompts` conversations of `turns` user turns; each turn resends the
-  conversation so far (system prompt, earlier questions and the model's answers), so it
-  can only start after the previous turn's answer arrived.
+- `multi-turn`: `num_prompts` conversations of `turns` user turns. Each turn resends the
+  conversation so far (system prompt, earlier questions and the model's replies), so it
+  can only start after the previous turn's reply arrived.
 
 Lengths are in tokens of about 4 characters (one short hex word plus a space), the
 simulator's tokenization; real tokenizers give similar counts for such text.

@@ -1,4 +1,4 @@
-"""Prompt text as an engine sees it, and the simulator's tokenizer.
+"""Prompt text as an engine receives it, and the simulator's tokenizer.
 
 The scheduler hashes the text an engine will really process, so a chat request and the
 equivalent completions request must render to the same string on both sides. With the
@@ -20,8 +20,8 @@ import numpy as np
 SIM_CHARS_PER_TOKEN = 4
 SIM_VOCAB_SIZE = 1 << 31
 
-# Odd multipliers mix the 4 code points of a piece into one id; any fixed values work as
-# long as every component uses the same ones.
+# Odd multipliers mix the 4 code points of a piece into one id. Any fixed values work,
+# provided every component uses the same ones.
 _PIECE_MIX = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F], dtype=np.uint64)
 
 

@@ -1,7 +1,7 @@
 """Endpoints of one service: labels, readiness, scraped metrics with ages, in-flight counts.
 
-The runtime (or the gateway's admin API) sets the endpoint list; the scraper refreshes
-each endpoint's engine metrics every `scrape_interval` seconds; the gateway reports
+The runtime (or the gateway's admin API) sets the endpoint list. The scraper refreshes
+each endpoint's engine metrics every `scrape_interval` seconds. The gateway reports
 requests starting and finishing, so in-flight counts are exact and immediate. Metrics
 carry the time they were read, and a value older than `staleness` seconds is stale:
 plugins see `metrics_age()` and decide (the utilization detector treats stale as
@@ -59,7 +59,7 @@ class Endpoint:
 class Datastore:
     """Endpoint table of one service, shared by the scheduler and the gateway.
 
-    `scrape_interval` and `staleness` are seconds; `staleness` defaults to ten intervals
+    `scrape_interval` and `staleness` are seconds. `staleness` defaults to ten intervals,
     but at least 0.5 s, so one or two slow scrapes do not mark an endpoint stale.
     `clock` is monotonic seconds (replaceable for virtual-time benchmarks).
     """

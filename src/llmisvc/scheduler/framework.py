@@ -8,7 +8,7 @@ into one `SchedulingResult`.
 
 Plugins that keep state hear about picks (`on_pick`), finished requests
 (`on_request_finished`) and removed endpoints (`on_endpoint_removed`) through
-`LifecycleHooks`; the scheduler calls each hook of every plugin that defines it.
+`LifecycleHooks`. The scheduler calls each hook of every plugin that defines it.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class AllFiltered(TooManyRequestsError):
 class SchedulingRequest:
     """Request data the scheduler uses.
 
-    `prompt_text` is the text the engine will process when the caller already has it;
-    otherwise the scheduler derives it from `body` (completions `prompt`, or chat
-    `messages` rendered with the chat template). `headers` have lower-case names.
+    `prompt_text` is the text the engine will process, when the caller already has it.
+    Otherwise the scheduler derives it from `body`: the completions `prompt`, or chat
+    `messages` rendered with the chat template. `headers` have lower-case names.
     """
 
     request_id: str

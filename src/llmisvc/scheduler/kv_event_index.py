@@ -3,11 +3,12 @@
 Engines publish batches `[timestamp, events, dp_rank]` on topic `kv@<host:port>@<model>`,
 where each event is `["BlockStored", hashes, parent, token_ids, block_size, lora_id,
 medium]`, `["BlockRemoved", hashes, medium]` or `["AllBlocksCleared"]`. The subscriber
-thread applies them to a map from block hash to the endpoints holding it. Because the
-scheduler recomputes the same chained hashes from the prompt's token ids, a hash seed or
-block size that differs from the engine's would silently match nothing; every
-BlockStored is therefore checked (block size field; the first block's hash recomputed
-from its tokens when it has no parent) and a mismatch is logged and counted.
+thread applies them to a map from block hash to the endpoints that cache it.
+
+The scheduler recomputes the same chained hashes from the prompt's token ids, so a hash
+seed or block size that differs from the engine's would silently match nothing. Every
+BlockStored is therefore checked: its block size field, and for a block without parent
+the hash recomputed from its tokens. A mismatch is logged and counted.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Scraping 64 endpoints every 50 ms is 1,280 requests a second, so both halves avoid
 general-purpose machinery. The client keeps one connection per endpoint and sends a
-fixed request; the parser looks up only the few series the scheduler uses with
-`str.find` instead of parsing every line of the exposition.
+fixed request. The parser finds only the few series the scheduler uses with `str.find`,
+instead of parsing every line of the exposition.
 """
 
 from __future__ import annotations

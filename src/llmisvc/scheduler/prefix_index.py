@@ -4,7 +4,7 @@ The prompt text is cut into blocks of `block_chars` characters (block size in to
 the usual characters per token). Each block gets a chained 64-bit hash, BLAKE2b of the
 parent hash and the block's text. The chain is seeded with the model name, so two models
 never share entries. At most `max_blocks` leading blocks are hashed. Each endpoint has an LRU
-of block hashes with `capacity` entries; a reverse map from hash to endpoints makes a
+of block hashes with `capacity` entries. A reverse map from hash to endpoints makes a
 lookup cost one dict probe per block. The index learns at pick time, not from the
 engine, so prefixes of requests still in flight count, and its total size is capped by
 `max_total_entries`, evicting from the largest endpoint first.

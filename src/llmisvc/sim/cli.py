@@ -59,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     behaviour.add_argument("--default-max-tokens", type=int, default=128, help="output length when a chat request sets no limit")
     behaviour.add_argument("--failure-rate", type=float, default=0.0, help="fraction of requests that fail (0 to 1)")
     behaviour.add_argument("--failure-types", default="500", help="comma-separated failure kinds: 500, drop, hang, cut")
-    behaviour.add_argument("--kv-hold-seconds", type=float, default=30.0, help="how long a prefill holds blocks for a decode replica")
+    behaviour.add_argument("--kv-hold-seconds", type=float, default=30.0, help="seconds a prefill replica keeps KV blocks for a decode replica to pull (default 30)")
     behaviour.add_argument("--replicas", type=int, default=1, help="replicas hosted by this process on ports PORT..PORT+N-1")
     parser.set_defaults(func=run)
     return parser
@@ -73,7 +73,9 @@ def build_configs(args: argparse.Namespace) -> list:
     latency_ms = {}
     for key, default in _LATENCY_DEFAULTS.items():
         value = getattr(args, key)
-        latency_ms[key] = value if value is not None else (0.0 if args.echo else default)
+        if value is None:
+            value = 0.0 if args.echo else default
+        latency_ms[key] = value
     latency = LatencyModel(
         ttft_overhead=latency_ms["ttft_overhead_ms"] / 1000,
         prefill_per_token=latency_ms["prefill_ms_per_token"] / 1000,

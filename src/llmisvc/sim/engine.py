@@ -1,7 +1,7 @@
 """Request lifecycle of one simulated replica: admission, prefix-cached prefill, decode.
 
-Continuous batching as vLLM does it, in time only: up to `max_num_seqs` requests run at
-once and later ones wait in arrival order; a request is admitted only when its prompt
+Continuous batching as vLLM does it, in time only. Up to `max_num_seqs` requests run at
+once and later ones wait in arrival order. A request is admitted only when its prompt
 and output blocks fit in the KV cache. Timing follows `LatencyModel`. Everything runs
 on the event loop's clock (`loop.time()`), so the same code runs in real time behind
 HTTP and in virtual time inside the routing benchmark.
@@ -63,7 +63,7 @@ class SimConfig:
 
 @dataclass
 class SimRequest:
-    """One generation request as the engine core sees it."""
+    """One generation request in the engine core's terms."""
 
     request_id: str
     token_ids: np.ndarray

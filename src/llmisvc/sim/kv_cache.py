@@ -1,8 +1,8 @@
 """KV block accounting of the simulated engine, with prefix caching.
 
-Blocks hold no data; the cache tracks which chained block hashes
-(`llmisvc.protocol.block_hash`) a replica holds, how many requests use each, and
-which unused blocks are kept for reuse. Unused cached blocks are evicted least recently
+Blocks contain no data. The cache tracks which chained block hashes
+(`llmisvc.protocol.block_hash`) a replica has, how many requests use each, and which
+unused blocks are kept for reuse. Unused cached blocks are evicted least recently
 used first when a new allocation needs room, as in vLLM's block pool. Blocks that never
 fill (the prompt's partial tail and the output) are counted but not hashed.
 """

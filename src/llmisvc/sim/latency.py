@@ -3,7 +3,7 @@
 Time to first token = `ttft_overhead` + uncached prompt tokens x `prefill_per_token`
 (or transferred tokens x `transfer_per_token` when the KV comes from a prefill engine).
 Prefills of one engine run one after another, because a real engine's prefill is
-compute-bound and shares the accelerator; a request that arrives during another prefill
+compute-bound and shares the accelerator. A request that arrives during another prefill
 waits for it. Inter-token latency grows linearly with the number of running sequences:
 `itl` at batch size 1 up to `itl` x `itl_max_factor` at `max_num_seqs`.
 All times are seconds.

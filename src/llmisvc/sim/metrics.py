@@ -1,7 +1,7 @@
 """Prometheus text for the simulated engine's metrics, under vLLM's names.
 
-Rendered by hand instead of with prometheus_client because one process may host dozens of
-simulated replicas scraped every 50 ms; formatting a few lines is far cheaper than a
+Rendered by hand instead of with prometheus_client, because one process may host dozens
+of simulated replicas scraped every 50 ms. Formatting a few lines is far cheaper than a
 registry walk, and the output is the same exposition format.
 """
 

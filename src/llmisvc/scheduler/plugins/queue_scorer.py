@@ -1,8 +1,8 @@
 """`queue-scorer`: prefer endpoints with fewer waiting requests, relative to the others.
 
 Parameters: none.
-Formula, with q the waiting requests of each candidate: (max_q - q) / (max_q - min_q);
-when all candidates have the same q, every score is 1. Missing metrics count as q = 0.
+Formula, with q the waiting requests of each candidate: (max_q - q) / (max_q - min_q).
+When all candidates have the same q, every score is 1. Missing metrics count as q = 0.
 """
 
 from __future__ import annotations

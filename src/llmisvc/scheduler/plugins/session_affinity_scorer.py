@@ -43,8 +43,8 @@ class SessionAffinityScorer(Plugin, LifecycleHooks):
 
     def score(self, state: CycleState, endpoints: Sequence[Endpoint]) -> dict[str, float]:
         token = state.request.headers.get(SESSION_TOKEN)
-        wanted = decode_token(token) if token else None
-        return {e.address: 1.0 if e.address == wanted else 0.0 for e in endpoints}
+        session_address = decode_token(token) if token else None
+        return {e.address: 1.0 if e.address == session_address else 0.0 for e in endpoints}
 
     def on_pick(self, state: CycleState, result: SchedulingResult) -> None:
         result.response_headers[SESSION_TOKEN] = encode_token(result.target.address)

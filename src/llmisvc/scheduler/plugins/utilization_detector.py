@@ -44,5 +44,5 @@ class UtilizationDetector(Plugin, LifecycleHooks):
         return metrics.kv_usage is not None and metrics.kv_usage > self.kv_threshold
 
     def filter(self, state: CycleState, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
-        kept = [e for e in endpoints if not self.is_saturated(state.datastore, e)]
-        return kept if kept else list(endpoints)
+        unsaturated = [e for e in endpoints if not self.is_saturated(state.datastore, e)]
+        return unsaturated if unsaturated else list(endpoints)
