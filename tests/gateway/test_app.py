@@ -316,3 +316,35 @@ def test_config_file_and_port_from_env(tmp_path, echo):
         stop(process)
     log = (tmp_path / "config-gateway.log").read_text()
     assert "open-file limit is" in log
+
+
+def test_idle_connections_closed(tmp_path):
+    sim = SimProcess(tmp_path, "idle", "--itl-ms", "100", "--ttft-overhead-ms", "0")
+    short = GatewayProcess(tmp_path, "--idle-timeout", "0.5")
+    try:
+        short.put_service("idle", no_scheduler_entry("idle", sim.addresses))
+        silent = socket.create_connection(("127.0.0.1", short.port))
+        silent.settimeout(10)
+        started = time.monotonic()
+        assert silent.recv(1) == b""
+        assert time.monotonic() - started < 5
+
+        # A stream that outlives the idle timeout is not cut: only idle connections are.
+        body = json.dumps({"model": "idle", "prompt": "x", "max_tokens": 15, "stream": True}).encode()
+        busy = socket.create_connection(("127.0.0.1", short.port))
+        busy.settimeout(10)
+        busy.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while b"data: [DONE]" not in received:
+            chunk = busy.recv(65536)
+            assert chunk, "the gateway closed a connection with a request in flight"
+            received += chunk
+        started = time.monotonic()
+        while busy.recv(65536):
+            pass
+        assert time.monotonic() - started < 5
+        busy.close()
+        silent.close()
+    finally:
+        short.stop()
+        sim.stop()

@@ -31,7 +31,7 @@ from .json_scan import SCAN_MIN_BYTES, ScanError, top_level_fields
 from .jsonutil import JSONDecodeError, loads
 from .metrics import GatewayMetrics
 from .pd import PDMetrics, PDOrchestrator
-from .server import ClientConnection, Request
+from .server import ClientConnection, ConnectionRegistry, Request
 from .services import Limits, ServiceTable
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class GatewaySettings:
     api_key: str | None = None
     admin_token: str | None = None
     health_interval: float = 2.0
+    idle_timeout: float = 75.0
     scrape_interval: float = 0.05
     prefill_timeout: float = 60.0
     limits: Limits = None  # type: ignore[assignment]
@@ -80,11 +81,25 @@ class Gateway:
             self.table, pd, loop, settings.attempts, settings.upstream_timeout, forward_client_authorization=self._api_key is None
         )
         self._tasks: list[asyncio.Task] = []
+        self.connections = ConnectionRegistry(settings.idle_timeout)
+
+    def protocol(self) -> ClientConnection:
+        """Return the protocol for one accepted client connection (the server's factory)."""
+        return ClientConnection(self.handle, self.settings.max_body_bytes, self.loop, self.connections)
 
     def start_background(self) -> None:
         """Start the tasks the gateway owns (health probes)."""
         prober = HealthProber(self.table, self.settings.health_interval)
         self._tasks.append(self.loop.create_task(prober.run()))
+        self._tasks.append(self.loop.create_task(self._sweep_idle()))
+
+    async def _sweep_idle(self) -> None:
+        interval = max(0.05, min(self.connections.idle_timeout / 4, 5.0))
+        while True:
+            await asyncio.sleep(interval)
+            closed = self.connections.sweep(self.loop.time())
+            if closed:
+                logger.debug("closed %d client connections idle for %g s", closed, self.connections.idle_timeout)
 
     async def close(self) -> None:
         """Cancel background tasks and close idle upstream connections."""

@@ -45,6 +45,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     )
     parser.add_argument("--max-queue", type=int, default=1024, help="requests queued per service before 429 (default 1024)")
     parser.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait in the queue before 503 (default 30)")
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=75.0,
+        help="seconds a client connection may send nothing between or within requests before it is closed (default 75)",
+    )
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health probes of each endpoint (default 2)")
     parser.set_defaults(func=run)
 
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         admin_token=admin_token,
         health_interval=args.health_interval,
+        idle_timeout=args.idle_timeout,
         limits=Limits(args.max_concurrency, args.max_queue, args.queue_timeout),
     )
     entries = load_config(args.config) if args.config is not None else []
@@ -94,16 +101,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(gateway_class, settings, entries: list[dict], host: str, port: int) -> int:
-    from .server import ClientConnection
-
     loop = asyncio.get_running_loop()
     gateway = gateway_class(settings, loop)
     for entry in entries:
         gateway.table.put(entry["namespace"], entry["name"], {k: v for k, v in entry.items() if k not in ("namespace", "name")})
 
-    server = await loop.create_server(
-        lambda: ClientConnection(gateway.handle, settings.max_body_bytes, loop), host, port, backlog=4096
-    )
+    server = await loop.create_server(gateway.protocol, host, port, backlog=4096)
     gateway.start_background()
     logger.info(
         "gateway listening on http://%s:%d (%d services, admin API %s, API key %s)",

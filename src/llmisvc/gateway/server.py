@@ -8,8 +8,9 @@ pipelined requests wait until the previous response is finished.
 The connection keeps reading while a request is being handled, so a client that goes away
 is noticed at once (also before any response byte) and the request's task is cancelled.
 
-NOTE: client connections have no idle or header-read timeout, so an idle keep-alive client
-holds its file descriptor until it disconnects.
+`ConnectionRegistry.sweep` closes connections that sent nothing for the idle timeout while no
+request of theirs was being handled: idle keep-alive clients, and clients that stall in the
+middle of sending a request.
 """
 
 from __future__ import annotations
@@ -95,6 +96,23 @@ class Request:
 Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
 
 
+class ConnectionRegistry:
+    """The open client connections of one server, for the idle sweep."""
+
+    def __init__(self, idle_timeout: float):
+        self.idle_timeout = idle_timeout
+        self.connections: set[ClientConnection] = set()
+
+    def sweep(self, now: float) -> int:
+        """Close connections idle for `idle_timeout` seconds at loop time `now`; return how many."""
+        closed = 0
+        for connection in list(self.connections):
+            if connection.idle_since(now) >= self.idle_timeout:
+                connection.abort()
+                closed += 1
+        return closed
+
+
 class ClientConnection(asyncio.Protocol):
     """The server side of one client TCP connection.
 
@@ -104,14 +122,22 @@ class ClientConnection(asyncio.Protocol):
     handler are called when the client's socket buffer fills and drains.
     """
 
-    def __init__(self, handler: Handler, max_body_bytes: int, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self,
+        handler: Handler,
+        max_body_bytes: int,
+        loop: asyncio.AbstractEventLoop,
+        registry: ConnectionRegistry | None = None,
+    ):
         self._handler = handler
         self._max_body_bytes = max_body_bytes
         self._loop = loop
+        self._registry = registry
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.peer = ""
+        self._last_activity = loop.time()
 
         # State of the request being parsed.
         self._url = b""
@@ -140,8 +166,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else ""
+        if self._registry is not None:
+            self._registry.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
         if self._task is not None or self._ready:
             self._buffer_pipelined(data)
             return
@@ -154,6 +183,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._registry is not None:
+            self._registry.connections.discard(self)
         self._ready.clear()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -258,8 +289,15 @@ class ClientConnection(asyncio.Protocol):
         self._task = self._loop.create_task(self._handler(request, self))
         self._task.add_done_callback(self._on_task_done)
 
+    def idle_since(self, now: float) -> float:
+        """Return seconds since the client last sent bytes, or 0 while a request is handled."""
+        if self._task is not None or self._ready:
+            return 0.0
+        return now - self._last_activity
+
     def _on_task_done(self, task: asyncio.Task) -> None:
         self._task = None
+        self._last_activity = self._loop.time()
         self.on_pause = None
         self.on_resume = None
         if not task.cancelled() and task.exception() is not None:
