@@ -212,6 +212,15 @@ def test_config_change_reconciles_dependents(env):
     assert "--itl-ms 3" in text
     assert "RolledOut" in text
     assert before["status"]["observedGeneration"] == 1
+
+    config_only = write(env, "config-only", sim_config("sim-args", ["--itl-ms", "3"]))
+    removed = cli(env, "delete", "-f", str(config_only))
+    assert removed.returncode == 0, removed.stderr
+    assert '"sim-args" deleted' in removed.stdout
+    assert "default/based" in removed.stderr
+    missing = cli(env, "delete", "-f", str(config_only))
+    assert missing.returncode == 1
+    assert "not found" in missing.stderr
     assert cli(env, "delete", "based").returncode == 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmisvc.runtime.local.store import MAX_EVENTS_PER_SERVICE, Event, Store, stored_service_count
+from llmisvc.runtime.local.store import MAX_EVENTS_PER_SERVICE, Event, Store, stored_count
 
 
 def test_service_generation_bumps_only_on_change(tmp_path):
@@ -54,5 +54,6 @@ def test_state_survives_reopen(tmp_path):
     assert reopened.get_service("ns", "a").resource == {"k": "v"}
     assert reopened.list_configs() == [{"kind": "LLMInferenceServiceConfig"}]
     assert reopened.get_setting("gateway") == {"port": 8123}
-    assert stored_service_count(path) == 1
-    assert stored_service_count(tmp_path / "absent.db") == 0
+    assert stored_count(path) == 1
+    assert stored_count(path, "configs") == 1
+    assert stored_count(tmp_path / "absent.db") == 0

@@ -62,16 +62,17 @@ def _client() -> ControlClient:
     return ControlClient(home)
 
 
-def _connected_client() -> ControlClient:
+def _connected_client(for_configs: bool = False) -> ControlClient:
     """Return a client, starting the control process when services are stored.
 
     A stopped control process restarts the stored services on start, like a rebooted
     node; without a store there is nothing to start it for.
     """
-    from llmisvc.runtime.local.store import stored_service_count
+    from llmisvc.runtime.local.store import stored_count
 
     client = _client()
-    if stored_service_count(client.home.store) > 0 and not client.is_running():
+    stored = stored_count(client.home.store) + (stored_count(client.home.store, "configs") if for_configs else 0)
+    if stored > 0 and not client.is_running():
         client.ensure_started()
     return client
 
@@ -365,12 +366,26 @@ def run_delete(args: argparse.Namespace) -> int:
         except (SpecError, OSError) as exc:
             return _error(f"cannot read services from {args.filename}: {exc}")
         names = [(r.namespace, r.name) for r in resources if r.kind == "LLMInferenceService"]
+        configs = [(r.namespace, r.name) for r in resources if r.kind == "LLMInferenceServiceConfig"]
     elif args.name:
         names = [(args.namespace, args.name)]
+        configs = []
     else:
         return _error("give a service NAME or -f FILE")
-    client = _connected_client()
+    client = _connected_client(for_configs=bool(configs))
     status = 0
+    # Configs first: deleting the last service stops the control process.
+    for namespace, name in configs:
+        try:
+            result = client.call("delete_config", name=name, namespace=namespace)
+            print(f"llminferenceserviceconfig.serving.kserve.io \"{name}\" deleted")
+            if result["referenced_by"]:
+                print(f"warning: still named in baseRefs of {', '.join(result['referenced_by'])}; "
+                      "they keep running, and their next apply fails until the config exists again", file=sys.stderr)
+        except ControlNotRunning:
+            status = _error(f"llminferenceserviceconfig.serving.kserve.io \"{name}\" not found")
+        except ControlError as exc:
+            status = _error(str(exc))
     for namespace, name in names:
         try:
             client.call("delete", progress=_progress, name=name, namespace=namespace)

@@ -41,7 +41,7 @@ CONFIG_KIND = "LLMInferenceServiceConfig"
 _MAX_REQUEST_BYTES = 16 * 1024 * 1024
 # Operations after which a control process without services exits. `ping` and `apply` are
 # not among them: the CLI pings a freshly started control process before applying.
-_EXIT_WHEN_EMPTY_AFTER = frozenset({"delete", "get", "describe", "logs"})
+_EXIT_WHEN_EMPTY_AFTER = frozenset({"delete", "delete_config", "get", "describe", "logs"})
 
 
 class ApplyRejected(Exception):
@@ -383,6 +383,17 @@ class ControlServer:
         self._context.store.delete_service(service.namespace, service.name)
         del self.services[service.plan.key]
         return {"deleted": service.plan.key}
+
+    async def _op_delete_config(self, request: dict, progress) -> dict:
+        """Delete a stored LLMInferenceServiceConfig; services built on it keep running as planned."""
+        namespace, name = request.get("namespace") or "default", request["name"]
+        if not self._context.store.delete_config(namespace, name):
+            raise LookupError(f"{CONFIG_KIND} {namespace}/{name} not found")
+        users = [
+            f"{stored.namespace}/{stored.name}" for stored in self._context.store.list_services()
+            if name in {ref.get("name") for ref in (stored.resource.get("spec") or {}).get("baseRefs") or []}
+        ]
+        return {"deleted": f"{namespace}/{name}", "referenced_by": users}
 
     async def _op_shutdown(self, request: dict, progress) -> dict:
         self._stop.set()

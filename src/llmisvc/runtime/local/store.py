@@ -136,6 +136,11 @@ class Store:
     def put_config(self, namespace: str, name: str, resource: dict) -> None:
         self._db.execute("INSERT OR REPLACE INTO configs VALUES (?, ?, ?)", (namespace, name, json.dumps(resource)))
 
+    def delete_config(self, namespace: str, name: str) -> bool:
+        """Delete a config; returns False when it was not stored."""
+        cursor = self._db.execute("DELETE FROM configs WHERE namespace=? AND name=?", (namespace, name))
+        return cursor.rowcount > 0
+
     def list_configs(self) -> list[dict]:
         return [json.loads(row[0]) for row in self._db.execute("SELECT resource FROM configs").fetchall()]
 
@@ -186,8 +191,10 @@ def _service(row: tuple) -> StoredService:
     return StoredService(namespace, name, generation, json.loads(resource), json.loads(plan), created, updated)
 
 
-def stored_service_count(path: Path) -> int:
-    """Count the services in the store at `path` without writing to it (0 when absent).
+def stored_count(path: Path, table: str = "services") -> int:
+    """Count the rows of `table` ("services" or "configs") in the store at `path`, read-only.
+
+    Returns 0 when the store does not exist.
 
     The CLI uses this to decide whether a control process is worth starting.
     """
@@ -195,7 +202,9 @@ def stored_service_count(path: Path) -> int:
         return 0
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return db.execute("SELECT count(*) FROM services").fetchone()[0]
+        if table not in ("services", "configs"):
+            raise ValueError(f"unknown table {table!r}")
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     except sqlite3.OperationalError:
         return 0
     finally:
