@@ -263,3 +263,14 @@ def test_plan_round_trips_through_dict():
 
     plan = plan_of(spec(**{"spec.prefill": {"replicas": 1}}))
     assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+
+
+def test_invalid_scheduler_config_rejected():
+    config = {
+        "apiVersion": "llm-d.ai/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [{"type": "no-such-scorer"}],
+        "schedulingProfiles": [{"name": "default", "plugins": [{"pluginRef": "no-such-scorer"}]}],
+    }
+    issues = issues_of(spec(**{"spec.router.scheduler": {"config": {"inline": config}}}))
+    assert "unknown plugin type 'no-such-scorer'" in issues["spec.router.scheduler.config.inline"]

@@ -43,7 +43,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 ROLE_LABEL = "llm-d.ai/role"
 
 # Whether prefill and decode replicas run as separate roles with KV transfer. While False,
-# the prefill/decode shape starts every replica aggregated (role "both") and says so in
+# the prefill/decode shape starts every replica aggregated (role "both") and reports it in
 # the plan's `aggregated_reason`; switching it makes prefill workloads role "prefill" and
 # main workloads role "decode", which the gateway entry passes on unchanged.
 PREFILL_DECODE_SPLIT = True
@@ -106,7 +106,7 @@ class Workload:
 
 @dataclass
 class Plan:
-    """What to run for one service and how the gateway routes to it."""
+    """Workloads of one service and the settings the gateway routes it with."""
 
     namespace: str
     name: str
@@ -141,7 +141,7 @@ class Plan:
 def build_plan(resolved: Any, machine: Machine, pvc_root: Path | None = None) -> Plan:
     """Plan `resolved` (an api ResolvedService) for `machine`.
 
-    `pvc_root` is the directory that stands in for PersistentVolumeClaims in local mode
+    `pvc_root` is the directory that replaces PersistentVolumeClaims in local mode
     (`pvc://claim/path` becomes `pvc_root/claim/path`); None rejects `pvc://` URIs.
     Returns the Plan. Raises PlanError listing every field that cannot be honoured.
     """
@@ -485,14 +485,15 @@ def _check_devices(workloads: list[Workload], machine: Machine, issues: list[Pla
 def _check_scheduler_config(resolved: Any, issues: list[PlanIssue]) -> None:
     """Validate the EndpointPickerConfig with the scheduler's own parser, when it is installed."""
     try:
-        from llmisvc.scheduler import Datastore, Scheduler
+        from llmisvc.scheduler import ConfigError, Datastore, Scheduler
     except ImportError:
         logger.warning("llmisvc.scheduler is not importable; scheduler config of %s/%s not checked", resolved.namespace, resolved.name)
         return
     try:
+        # Building the scheduler (not only parsing) also checks each plugin's parameters.
         Scheduler.from_config(resolved.scheduler_config, shape=resolved.shape, datastore=Datastore(), model_name=resolved.model_name)
-    except Exception as exc:  # the scheduler's parser raises its own error types
-        issues.append(PlanIssue("spec.router.scheduler.config", f"invalid EndpointPickerConfig: {exc}"))
+    except (ConfigError, ValueError, TypeError) as exc:
+        issues.append(PlanIssue("spec.router.scheduler.config.inline", f"invalid EndpointPickerConfig: {exc}"))
 
 
 def _revision(workload: Workload) -> str:
