@@ -42,10 +42,10 @@ STOP_ANNOTATION = "serving.kserve.io/stop"
 GPU_RESOURCE = "nvidia.com/gpu"
 ROLE_LABEL = "llm-d.ai/role"
 
-# Whether prefill and decode replicas run as separate roles with KV transfer. While False,
-# the prefill/decode shape starts every replica aggregated (role "both") and reports it in
-# the plan's `aggregated_reason`; switching it makes prefill workloads role "prefill" and
-# main workloads role "decode", which the gateway entry passes on unchanged.
+# Whether prefill and decode replicas run as separate roles with KV transfer. When True,
+# prefill workloads get role "prefill" and main workloads role "decode", which the gateway
+# entry passes on unchanged. When False, the prefill/decode shape starts every replica
+# aggregated (role "both") and reports it in the plan's `aggregated_reason`.
 PREFILL_DECODE_SPLIT = True
 
 # `--kv-transfer-config` given to both pools of a split service unless the container's args
