@@ -77,6 +77,29 @@ def rss_bytes(pid: int) -> int | None:
     return resident_pages * _PAGE_SIZE
 
 
+def group_rss_bytes(pgid: int) -> int | None:
+    """Return the summed resident set size of every process in group `pgid`, in bytes.
+
+    Engines such as vLLM run helper processes, which count toward a replica's memory like
+    the processes of one container. Returns None when no process of the group is left.
+    """
+    total, found = 0, False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) != pgid or fields[0] == "Z":
+            continue
+        rss = rss_bytes(int(entry.name))
+        if rss is not None:
+            total, found = total + rss, True
+    return total if found else None
+
+
 def signal_group(ref: ProcessRef, signum: int) -> None:
     """Send `signum` to the process group of `ref` if that process still runs.
 

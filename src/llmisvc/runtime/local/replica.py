@@ -29,7 +29,7 @@ from llmisvc.runtime.local.process import (
     LLMISVC_COMMAND,
     ProcessRef,
     is_alive,
-    rss_bytes,
+    group_rss_bytes,
     signal_group,
     start_detached,
     terminate,
@@ -299,7 +299,7 @@ class Replica:
 
             if workload.memory_limit_bytes is not None and now >= next_memory_check:
                 next_memory_check = now + 1.0
-                rss = rss_bytes(self.record.pid)
+                rss = group_rss_bytes(self.record.pid)
                 if rss is not None and rss > workload.memory_limit_bytes:
                     signal_group(self._ref(), signal.SIGKILL)
                     self._on_event("Warning", "OOMKilled", f"replica {self.id} used {rss >> 20} MiB, over its memory limit of {workload.memory_limit_bytes >> 20} MiB")
