@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 
 import openai
 import pytest
@@ -407,3 +408,30 @@ def test_many_concurrent_streams(gateway, sims):
     for thread in threads:
         thread.join(60)
     assert errors == []
+
+
+def test_stale_keepalive_connection_retried(gateway):
+    """An engine that closes a reused keep-alive connection without a response costs no attempt."""
+    # Keyed by the socket itself (weakly), so a new connection never inherits a count.
+    seen_on_connection: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def close_reused(connection: BackendConnection) -> bool:
+        count = seen_on_connection.get(connection.sock, 0) + 1
+        seen_on_connection[connection.sock] = count
+        if connection.request.path == "/v1/completions" and count > 1:
+            return False
+        connection.send_json(200, {"choices": [{"index": 0, "text": "ok"}]})
+        return True
+
+    backend = ScriptedBackend(close_reused)
+    try:
+        gateway.put_service("stale", no_scheduler_entry("stale", [backend.address]))
+        retries_before = gateway.metric("llmisvc_gateway_retries_total", model="stale")
+        with requests.Session() as session:
+            for _ in range(4):
+                response = session.post(gateway.url + "/v1/completions", json={"model": "stale", "prompt": "x"}, timeout=10)
+                assert response.status_code == 200
+        assert gateway.metric("llmisvc_gateway_retries_total", model="stale") == retries_before
+    finally:
+        backend.stop()
+        gateway.delete_service("stale")

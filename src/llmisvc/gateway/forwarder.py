@@ -234,7 +234,9 @@ class Forwarder:
             if service.datastore is not None:
                 service.datastore.request_started(endpoint.address)
             try:
-                outcome = await self._attempt(request, service, endpoint, path, relay, may_retry, request_id, body)
+                outcome = await self._attempt(
+                    request, service, endpoint, path, relay, may_retry, request_id, body, fresh=fresh_retry_used
+                )
             except ConnectFailed as exc:
                 outcome = exc
             finally:
@@ -281,9 +283,10 @@ class Forwarder:
         may_retry: bool,
         request_id: bytes,
         body: bytes,
+        fresh: bool = False,
     ) -> object:
         """Run one attempt; return DONE, RETRY_STATUS or the UpstreamError that ended it."""
-        connection, reused = await endpoint.pool.acquire()
+        connection, reused = await endpoint.pool.acquire(fresh)
         authorization = service.engine_authorization
         if authorization is None and self._forward_client_authorization:
             authorization = request.header(b"authorization")

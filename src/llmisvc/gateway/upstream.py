@@ -240,13 +240,14 @@ class EndpointPool:
         self._idle: list[UpstreamConnection] = []
         self._closed = False
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+    async def acquire(self, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """Return an open connection and whether it was reused from the idle list.
 
+        `fresh` skips the idle list, for a retry after a reused connection turned out closed.
         Raises ConnectFailed when a new connection cannot be made within `connect_timeout`.
         """
         idle = self._idle
-        while idle:
+        while idle and not fresh:
             connection = idle.pop()
             if not connection.closed:
                 return connection, True
