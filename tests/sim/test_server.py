@@ -126,6 +126,10 @@ def test_tokenize_counts_four_chars(sims):
     port, _, _ = sims
     body = requests.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "abcdefghi"}, timeout=5).json()
     assert body["count"] == 3
+    text = requests.post(f"http://127.0.0.1:{port}/detokenize", json={"tokens": body["tokens"]}, timeout=5).json()
+    assert text["prompt"] == "abcdefghi"
+    bad = requests.post(f"http://127.0.0.1:{port}/detokenize", json={"tokens": "x"}, timeout=5)
+    assert bad.status_code == 400
 
 
 def test_queueing_beyond_max_num_seqs(sims):

@@ -2,7 +2,7 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streaming and usage with
 `cached_tokens`), `GET /v1/models`, `GET /health`, `GET /metrics` (vLLM names),
-`POST /tokenize`, plus simulator-only `GET /sim/state` (true cache contents and load, for
+`POST /tokenize`, `POST /detokenize`, plus simulator-only `GET /sim/state` (true cache contents and load, for
 oracle policies) and `POST /sim/kv/release` (a decode replica frees blocks it pulled).
 Request bodies are validated by `llmisvc.protocol.openai`, so errors match the engine's.
 """
@@ -21,7 +21,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 from llmisvc.protocol import openai
 from llmisvc.protocol.errors import APIError, BadRequestError, NotFoundError, error_body
 from llmisvc.protocol.kv_transfer import KVTransferParams
-from llmisvc.protocol.prompt_text import SIM_CHARS_PER_TOKEN, ChatRenderer, sim_token_ids
+from llmisvc.protocol.prompt_text import SIM_CHARS_PER_TOKEN, ChatRenderer, sim_detokenize, sim_token_ids
 from llmisvc.sim.engine import RequestTooLargeError, SimEngine, SimRequest
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class SimServer:
                 web.get("/health", self.health),
                 web.get("/metrics", self.metrics),
                 web.post("/tokenize", self.tokenize),
+                web.post("/detokenize", self.detokenize),
                 web.get("/sim/state", self.sim_state),
                 web.post("/sim/kv/release", self.kv_release),
             ]
@@ -88,6 +89,16 @@ class SimServer:
             return _error_response(exc)
         tokens = sim_token_ids(text).tolist()
         return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.config.max_model_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = openai.parse_json_body(await request.read())
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise BadRequestError("tokens must be a list of integer token ids", param="tokens")
+        except APIError as exc:
+            return _error_response(exc)
+        return web.json_response({"prompt": sim_detokenize(tokens)})
 
     # ------------------------------------------------------------ generation
 
