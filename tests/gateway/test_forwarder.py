@@ -101,8 +101,9 @@ def test_scrape_carries_engine_key_and_sheds(gateway):
 
         tokenize = requests.post(gateway.url + "/default/busy/tokenize", json={"model": "busy", "prompt": "x"}, timeout=10)
         assert tokenize.status_code == 200
-        assert backend.requests[-1].path == "/tokenize"
-        assert backend.requests[-1].headers["authorization"] == "Bearer scrape-secret"
+        tokenize_calls = [r for r in backend.requests if r.path == "/tokenize"]
+        assert len(tokenize_calls) == 1
+        assert tokenize_calls[0].headers["authorization"] == "Bearer scrape-secret"
     finally:
         backend.stop()
         gateway.delete_service("busy")
