@@ -70,34 +70,41 @@ def block_table(first: int, positions: int, block_size: int) -> list[int]:
 # -- built-in engine: model runner ------------------------------------------------------
 
 
-def measure_runner(runner: ModelRunner, decode_tokens: int) -> dict[str, float]:
-    """Return prefill and decode tokens/s of the runner alone (no scheduling, no sampling)."""
-    results: dict[str, float] = {}
-    size = runner.block_size
-    blocks_per_seq = -(-(BATCH_PROMPT_TOKENS + decode_tokens + 1) // size)
-
+def runner_prefill_long(runner: ModelRunner) -> float:
+    """Return tokens/s of one 549-token prompt computed in one step."""
     prompt = synthetic_tokens(LONG_PROMPT_TOKENS, seed=1)
     start = time.perf_counter()
-    runner.execute([StepInput("long", prompt, 0, block_table(0, LONG_PROMPT_TOKENS, size))])
-    results["prefill_549_tokens_per_s"] = LONG_PROMPT_TOKENS / (time.perf_counter() - start)
+    runner.execute([StepInput("long", prompt, 0, block_table(0, LONG_PROMPT_TOKENS, runner.block_size))])
+    elapsed = time.perf_counter() - start
     runner.free_sequence("long")
+    return LONG_PROMPT_TOKENS / elapsed
 
-    for batch in BATCH_SIZES:
-        ids = [f"b{batch}-{i}" for i in range(batch)]
-        tables = [block_table(i * blocks_per_seq, BATCH_PROMPT_TOKENS + decode_tokens, size) for i in range(batch)]
-        prompts = [synthetic_tokens(BATCH_PROMPT_TOKENS, seed=100 + i) for i in range(batch)]
-        start = time.perf_counter()
-        runner.execute([StepInput(ids[i], prompts[i], 0, tables[i]) for i in range(batch)])
-        results[f"prefill_batch_{batch}_tokens_per_s"] = batch * BATCH_PROMPT_TOKENS / (time.perf_counter() - start)
 
-        start = time.perf_counter()
-        for step in range(decode_tokens):
-            position = BATCH_PROMPT_TOKENS + step
-            runner.execute([StepInput(ids[i], [500 + step], position, tables[i]) for i in range(batch)])
-        results[f"decode_batch_{batch}_tokens_per_s"] = batch * decode_tokens / (time.perf_counter() - start)
-        for seq_id in ids:
-            runner.free_sequence(seq_id)
-    return results
+def runner_batch(runner: ModelRunner, batch: int, decode_tokens: int) -> tuple[float, float]:
+    """Return (prefill, decode) tokens/s of `batch` sequences stepped together.
+
+    The prefill step computes `batch` prompts of 128 tokens at once; each decode step then
+    computes one token of every sequence. No scheduling or sampling is included.
+    """
+    size = runner.block_size
+    blocks_per_seq = -(-(BATCH_PROMPT_TOKENS + decode_tokens + 1) // size)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    tables = [block_table(i * blocks_per_seq, BATCH_PROMPT_TOKENS + decode_tokens, size) for i in range(batch)]
+    prompts = [synthetic_tokens(BATCH_PROMPT_TOKENS, seed=100 + i) for i in range(batch)]
+
+    start = time.perf_counter()
+    runner.execute([StepInput(ids[i], prompts[i], 0, tables[i]) for i in range(batch)])
+    prefill = batch * BATCH_PROMPT_TOKENS / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    for step in range(decode_tokens):
+        position = BATCH_PROMPT_TOKENS + step
+        runner.execute([StepInput(ids[i], [500 + step], position, tables[i]) for i in range(batch)])
+    decode = batch * decode_tokens / (time.perf_counter() - start)
+
+    for seq_id in ids:
+        runner.free_sequence(seq_id)
+    return prefill, decode
 
 
 # -- built-in engine: engine core -------------------------------------------------------
@@ -175,29 +182,30 @@ def load_transformers_model():
     return model.to(torch.bfloat16).eval()
 
 
-def measure_transformers(model, decode_tokens: int) -> dict[str, float]:
-    """Return transformers' prefill tokens/s (549 tokens) and single-sequence decode tokens/s."""
-    results: dict[str, float] = {}
+def transformers_prefill(model) -> float:
+    """Return transformers' tokens/s for one forward pass over the 549-token prompt."""
     with torch.inference_mode():
         prompt = torch.tensor([synthetic_tokens(LONG_PROMPT_TOKENS, seed=1)])
         start = time.perf_counter()
         model(prompt)
-        results["prefill_549_tokens_per_s"] = LONG_PROMPT_TOKENS / (time.perf_counter() - start)
+        return LONG_PROMPT_TOKENS / (time.perf_counter() - start)
 
-        short = torch.tensor([synthetic_tokens(DECODE_PROMPT_TOKENS, seed=2)])
-        mask = torch.ones_like(short)
 
-        def generate(count: int) -> float:
-            start = time.perf_counter()
+def transformers_decode(model, decode_tokens: int) -> float:
+    """Return transformers' single-sequence greedy decode tokens/s through `generate()`."""
+    short = torch.tensor([synthetic_tokens(DECODE_PROMPT_TOKENS, seed=2)])
+    mask = torch.ones_like(short)
+
+    def generate(count: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
             model.generate(
                 short, attention_mask=mask, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=2
             )
-            return time.perf_counter() - start
+        return time.perf_counter() - start
 
-        # generate(n) includes the prompt's prefill; subtracting generate(1) leaves n-1 decodes.
-        elapsed = generate(decode_tokens + 1) - generate(1)
-        results["decode_batch_1_tokens_per_s"] = decode_tokens / elapsed
-    return results
+    # generate(n) includes the prompt's prefill; subtracting generate(1) leaves n-1 decodes.
+    return decode_tokens / (generate(decode_tokens + 1) - generate(1))
 
 
 # -- llama.cpp -------------------------------------------------------------------------
@@ -218,25 +226,49 @@ def ensure_llama_cpp(install: bool) -> Path | None:
     return python
 
 
-def measure_llama_cpp(python: Path, threads: int, decode_tokens: int) -> dict[str, float]:
-    script = REPO / "benchmarks" / "engine_llama_cpp.py"
-    sizes = ",".join(str(size) for size in BATCH_SIZES)
-    command = [python, script, str(embedded_gguf_path()), str(threads), str(LONG_PROMPT_TOKENS), str(decode_tokens), sizes]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+class LlamaCppReference:
+    """A `engine_llama_cpp.py` worker process that keeps the model loaded between commands."""
+
+    def __init__(self, python: Path, threads: int):
+        script = REPO / "benchmarks" / "engine_llama_cpp.py"
+        command = [str(python), str(script), str(embedded_gguf_path()), str(threads), str(max(BATCH_SIZES))]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        self._read()  # the worker's ready line
+
+    def _read(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llama.cpp worker exited with {self._process.wait()}")
+        return json.loads(line)
+
+    def _ask(self, command: str) -> float:
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        return self._read()["tokens_per_s"]
+
+    def prefill(self, tokens: int) -> float:
+        return self._ask(f"prefill {tokens}")
+
+    def decode(self, batch: int, steps: int) -> float:
+        return self._ask(f"decode {batch} {steps}")
+
+    def close(self) -> None:
+        self._process.stdin.write("quit\n")
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
 
 
 # -- report ----------------------------------------------------------------------------
 
 
-def best_of(rounds: list[dict[str, float]]) -> dict[str, float]:
-    """Merge rounds keeping each metric's best value (highest rate, lowest time)."""
+def best_of(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Return each metric's best sample (highest rate, lowest time)."""
     merged: dict[str, float] = {}
-    for results in rounds:
-        for key, value in results.items():
-            lower_is_better = key.endswith("_s") and not key.endswith("per_s")
-            if key not in merged or (value < merged[key] if lower_is_better else value > merged[key]):
-                merged[key] = value
+    for key, values in samples.items():
+        lower_is_better = key.endswith("_s") and not key.endswith("per_s")
+        merged[key] = min(values) if lower_is_better else max(values)
     return merged
 
 
@@ -305,7 +337,7 @@ def print_report(report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every system (default: all CPUs)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best round counts (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts (default 3)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps per measurement (default 32)")
     parser.add_argument("--no-install", action="store_true", help="skip llama.cpp if its virtualenv is missing")
     parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "engine.json")
@@ -313,17 +345,40 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     llama_python = ensure_llama_cpp(install=not args.no_install)
+    llama = LlamaCppReference(llama_python, args.threads) if llama_python is not None else None
     runner = ModelRunner("smollm2", dtype="bfloat16", threads=args.threads, num_blocks=4096)
     hf_model = load_transformers_model()
 
-    rounds: dict[str, list[dict[str, float]]] = {"runner": [], "engine_core": [], "transformers": [], "llama_cpp": []}
+    # Each metric is measured for every system back to back, round after round, so that
+    # load from other processes affects the systems of one comparison alike.
+    samples: dict[str, dict[str, list[float]]] = {"runner": {}, "engine_core": {}, "transformers": {}, "llama_cpp": {}}
+
+    def record(system: str, key: str, value: float) -> None:
+        samples[system].setdefault(key, []).append(value)
+
     for index in range(args.rounds):
         print(f"round {index + 1}/{args.rounds}", flush=True)
-        rounds["runner"].append(measure_runner(runner, args.decode_tokens))
-        rounds["engine_core"].append(measure_engine_core(runner, args.decode_tokens))
-        rounds["transformers"].append(measure_transformers(hf_model, args.decode_tokens))
-        if llama_python is not None:
-            rounds["llama_cpp"].append(measure_llama_cpp(llama_python, args.threads, args.decode_tokens))
+        record("runner", "prefill_549_tokens_per_s", runner_prefill_long(runner))
+        if llama is not None:
+            record("llama_cpp", "prefill_tokens_per_s", llama.prefill(LONG_PROMPT_TOKENS))
+        record("transformers", "prefill_549_tokens_per_s", transformers_prefill(hf_model))
+
+        for size in BATCH_SIZES:
+            prefill, decode = runner_batch(runner, size, args.decode_tokens)
+            record("runner", f"prefill_batch_{size}_tokens_per_s", prefill)
+            record("runner", f"decode_batch_{size}_tokens_per_s", decode)
+            if llama is not None:
+                record("llama_cpp", f"decode_tokens_per_s_batch_{size}", llama.decode(size, args.decode_tokens))
+            if size == 1:
+                record("transformers", "decode_batch_1_tokens_per_s", transformers_decode(hf_model, args.decode_tokens))
+
+        for key, value in measure_engine_core(runner, args.decode_tokens).items():
+            record("engine_core", key, value)
+        if llama is not None:
+            # A second batch-32 sample right after the continuous-batching run it is compared with.
+            record("llama_cpp", "decode_tokens_per_s_batch_32", llama.decode(32, args.decode_tokens))
+    if llama is not None:
+        llama.close()
 
     machine = machine_description()
     machine["load_average_end"] = os.getloadavg()
@@ -336,7 +391,8 @@ def main() -> None:
         "model": str(embedded_gguf_path().name),
         "decode_tokens": args.decode_tokens,
         "rounds": args.rounds,
-        **{name: best_of(values) for name, values in rounds.items()},
+        **{name: best_of(values) for name, values in samples.items()},
+        "samples": samples,
     }
     report["ratios"] = compute_ratios(report["runner"], report["engine_core"], report["transformers"], report["llama_cpp"])
     report["targets"] = {**TARGETS, "prefix_warm_vs_cold_ttft": PREFIX_TTFT_TARGET}
