@@ -153,7 +153,7 @@ def test_queueing_beyond_max_num_seqs(sims):
 
 def test_cached_prompt_has_shorter_ttft(sims):
     port, _, _ = sims
-    prompt = "latency model " * 200  # 700 tokens at 0.5 ms each: about 350 ms uncached
+    prompt = "latency model " * 800  # 2,800 tokens at 0.5 ms each: about 1.4 s uncached
 
     def ttft():
         started = time.monotonic()
@@ -166,7 +166,8 @@ def test_cached_prompt_has_shorter_ttft(sims):
 
     cold = ttft()
     warm = ttft()
-    assert cold > 0.3
+    assert cold > 1.2
+    # Generous on a loaded host: the cached prefill itself takes about 10 ms.
     assert warm < cold / 2
 
 
