@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -87,6 +88,24 @@ async def run(settings: RunSettings, requests: list[BenchRequest]) -> tuple[list
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineProgress(total)
     return tqdm(total=total, unit="req", desc="requests")
+
+
+class _LineProgress:
+    """A progress line on stderr for when tqdm is not installed (it is not a dependency)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+
+    def update(self, count: int) -> None:
+        self.done += count
+        sys.stderr.write(f"\rrequests: {self.done}/{self.total}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
