@@ -265,6 +265,9 @@ def test_control_in_foreground(env, tmp_path):
     finally:
         control.send_signal(signal.SIGINT)
         control.wait(60)
+        leftover = pids_with_env("LLMISVC_HOME", str(home))
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+    assert leftover == []
     assert control.returncode == 0
     assert not (home / "control.sock").exists()
-    assert pids_with_env("LLMISVC_HOME", str(home)) == []

@@ -70,15 +70,17 @@ class ControlServer:
         gateway = GatewayProcess(self.home, self.gateway_port, store, session, on_restart=self._resync_gateway)
         self._context = RuntimeContext(self.home, store, session, gateway, DeviceAllocator(machine.gpu_ids), machine)
         server = None
+        # Handlers first: a signal during start-up must still stop the gateway and replicas
+        # started so far, which a KeyboardInterrupt would leave behind.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
         try:
             await gateway.ensure_running()
             gateway.watch()
             await self._restore_services()
             server = await self._listen()
             self.home.control_pid.write_text(str(os.getpid()))
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, self._stop.set)
             logger.info("control process %d ready on %s (gateway port %d)", os.getpid(), self.home.socket, self.gateway_port)
             await self._stop.wait()
             logger.info("control process stopping: draining %d services", len(self.services))
