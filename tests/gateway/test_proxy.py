@@ -290,7 +290,7 @@ def test_client_gone_before_first_token(gateway):
 
         assert wait_until(lambda: bool(closed_after), timeout=5), "the upstream connection stayed open"
         # The benchmark figure is 100 ms; a loaded test machine gets a generous bound.
-        assert closed_after[0] - client_closed < 2.0
+        assert closed_after[0] - client_closed < 5.0
     finally:
         backend.stop()
 
