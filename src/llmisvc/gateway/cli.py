@@ -51,6 +51,18 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
         default=75.0,
         help="seconds a client connection may send nothing between or within requests before it is closed (default 75)",
     )
+    parser.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=0.05,
+        help="seconds between engine /metrics scrapes for services with a scheduler (default 0.05)",
+    )
+    parser.add_argument(
+        "--prefill-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a prefill leg may take before the request falls back to decode-only (default 60)",
+    )
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health probes of each endpoint (default 2)")
     parser.set_defaults(func=run)
 
@@ -94,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         admin_token=admin_token,
         health_interval=args.health_interval,
         idle_timeout=args.idle_timeout,
+        scrape_interval=args.scrape_interval,
+        prefill_timeout=args.prefill_timeout,
         limits=Limits(args.max_concurrency, args.max_queue, args.queue_timeout),
     )
     entries = load_config(args.config) if args.config is not None else []
