@@ -144,6 +144,13 @@ def test_unknown_flag_rejected():
     assert b"--no-such-flag" in result.stderr
 
 
+def test_batched_tokens_below_max_num_seqs_rejected():
+    args = ["engine", "--max-num-batched-tokens", "8", "--max-num-seqs", "16"]
+    result = subprocess.run([*LLMISVC, *args], capture_output=True, timeout=60)
+    assert result.returncode == 1
+    assert b"--max-num-batched-tokens (8) must be at least --max-num-seqs (16)" in result.stderr
+
+
 def test_parallelism_above_one_rejected():
     with pytest.raises(SystemExit):
         build_parser("engine").parse_args(["engine", "--tensor-parallel-size", "2"])

@@ -135,6 +135,12 @@ async def _serve(args: argparse.Namespace) -> None:
 
     model_uri = args.model or args.model_tag or "smollm2"
     names = args.served_model_name or [model_uri]
+    if args.max_num_batched_tokens < args.max_num_seqs:
+        # Every running sequence must be able to decode one token in every step.
+        raise _StartupError(
+            f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least "
+            f"--max-num-seqs ({args.max_num_seqs}); raise it or lower --max-num-seqs"
+        )
     server = EngineServer(ServerConfig(args.host, args.port, names, model_uri, args.api_key))
     runner = await server.start()
 
@@ -206,10 +212,9 @@ def _build_engine(args: argparse.Namespace, names: list[str], model_uri: str):
         publisher = ZmqEventPublisher(events_config, topic)
 
     metrics = EngineMetrics(names[0], runner.block_size, runner.num_blocks, args.enable_prefix_caching)
-    max_batched = max(args.max_num_batched_tokens, args.max_num_seqs)
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=max_batched,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         prefix_caching_hash_seed=args.prefix_caching_hash_seed,
         seed=args.seed,

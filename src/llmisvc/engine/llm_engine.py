@@ -158,6 +158,8 @@ class LLMEngine:
         self._wakeup = threading.Event()
         self._submissions: dict[str, _Submission] = {}
         self._held: dict[str, list[Sequence]] = {}
+        # (queue, output) pairs produced during a step, handed to the event loop after it.
+        self._outbox: list[tuple[asyncio.Queue, RequestOutput | BaseException]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -290,11 +292,14 @@ class LLMEngine:
             while not self._stopping:
                 try:
                     self._drain_inbox()
-                    if not self._step():
+                    stepped = self._step()
+                    self._flush_outbox()
+                    if not stepped:
                         self._wait_for_work()
                 except Exception as exc:
                     logger.exception("engine step failed; failing all running requests")
                     self._fail_all(exc)
+                    self._flush_outbox()
 
     def _wait_for_work(self) -> None:
         blocked = self.scheduler.num_unfinished > 0
@@ -312,6 +317,8 @@ class LLMEngine:
     def _add(self, submission: _Submission) -> None:
         for prompt_index, request in enumerate(submission.requests):
             self._submissions[request.request_id] = submission
+            # NOTE: the n choices of a prompt are admitted together, so each computes the prompt
+            # itself; only later requests reuse those blocks through the prefix cache.
             for index in range(request.options.n):
                 seq = Sequence(request, index, self.block_size, self.config.prefix_caching_hash_seed)
                 submission.seqs.append(seq)
@@ -467,8 +474,15 @@ class LLMEngine:
         self._deliver(submission, output)
 
     def _deliver(self, submission: _Submission, item: RequestOutput | BaseException) -> None:
+        self._outbox.append((submission.out, item))
+
+    def _flush_outbox(self) -> None:
+        """Hand this step's outputs to the event loop in one wake-up instead of one per request."""
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(submission.out.put_nowait, item)
+            self._loop.call_soon_threadsafe(_put_all, items)
 
     def _forget(self, submission: _Submission) -> None:
         submission.done = True
@@ -589,3 +603,8 @@ class LLMEngine:
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting) + len(self.scheduler.remote_waiting))
         self.metrics.kv_usage.set(self.pool.usage())
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for out, item in items:
+        out.put_nowait(item)

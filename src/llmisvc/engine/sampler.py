@@ -2,10 +2,10 @@
 
 One call handles a whole step. Penalties, logit bias and min-tokens masking are tensor
 operations over `[batch, vocab]`, and temperature, top-k, top-p and min-p are applied
-row-wise with broadcast parameters. Random rows draw with the exponential-race trick
-(`argmax(p / q)` with `q ~ Exp(1)`), which equals sampling from `p`; a row whose request has a
-`seed` draws `q` from its own `torch.Generator`, so its output does not depend on what else
-is in the batch. Logprobs are those of the model's raw distribution (before penalties and
+row-wise with broadcast parameters. Random rows draw by inverse CDF: one uniform number
+per row is located in the row's cumulative distribution. A row whose request has a `seed`
+draws that number from its own `torch.Generator`, so its output does not depend on what
+else is in the batch. Logprobs are those of the model's raw distribution (before penalties and
 temperature), as vLLM returns by default.
 """
 
@@ -122,23 +122,33 @@ class Sampler:
         """Return the chosen token id of each row: argmax for greedy rows, a draw otherwise."""
         temperatures = torch.tensor([row.options.temperature for row in rows])
         greedy = temperatures < _GREEDY_TEMPERATURE
-        chosen = logits.argmax(dim=-1)
         if bool(greedy.all()):
-            return chosen
+            return logits.argmax(dim=-1)
+
+        chosen = torch.zeros(len(rows), dtype=torch.long)
+        if bool(greedy.any()):
+            greedy_index = greedy.nonzero().squeeze(1)
+            chosen[greedy_index] = logits[greedy_index].argmax(dim=-1)
 
         random_index = (~greedy).nonzero().squeeze(1)
         random_rows = [rows[i] for i in random_index.tolist()]
         scaled = logits[random_index] / temperatures[random_index].unsqueeze(1)
         probs = _filtered_probs(scaled, [row.options for row in random_rows])
 
-        noise = torch.empty_like(probs)
+        # Inverse-CDF sampling needs one uniform number per row, so a seeded row costs one
+        # draw from its own generator instead of a vocabulary-sized noise tensor.
+        uniform = torch.empty(len(random_rows), dtype=torch.float64)
         shared = [i for i, row in enumerate(random_rows) if row.generator is None]
         if shared:
-            noise[shared] = torch.empty(len(shared), probs.shape[1]).exponential_(generator=self._generator)
+            uniform[shared] = torch.rand(len(shared), generator=self._generator, dtype=torch.float64)
         for i, row in enumerate(random_rows):
             if row.generator is not None:
-                noise[i].exponential_(generator=row.generator)
-        chosen[random_index] = (probs / noise).argmax(dim=-1)
+                uniform[i] = torch.rand(1, generator=row.generator, dtype=torch.float64)
+        cdf = probs.double().cumsum(dim=-1)
+        # Scaling by the row total absorbs rounding; right=True skips zero-probability tokens.
+        targets = (uniform * cdf[:, -1]).unsqueeze(1)
+        drawn = torch.searchsorted(cdf, targets, right=True).squeeze(1)
+        chosen[random_index] = drawn.clamp_(max=probs.shape[1] - 1)
         return chosen
 
 
