@@ -135,10 +135,6 @@ def test_all_filtered_is_429_and_bad_config_400(gateway, sims):
 
 
 def test_prefill_decode_legs(gateway, sims):
-    from llmisvc.scheduler import registry
-
-    if "pd-profile-handler" not in registry.PLUGINS:
-        pytest.skip("the scheduler does not register pd-profile-handler yet")
     decode, prefill_one, prefill_two = sims.addresses
     gateway.put_service(
         "pd",
