@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import time
 
@@ -19,7 +21,7 @@ def test_quickstart_prints_answer(tmp_path):
     try:
         result = subprocess.run(
             ["bash", str(REPO / "scripts" / "quickstart.sh"), "--skip-setup"],
-            env={**__import__("os").environ, **env},
+            env={**os.environ, **env},
             capture_output=True,
             text=True,
             timeout=900,
@@ -37,5 +39,8 @@ def test_quickstart_prints_answer(tmp_path):
         deadline = time.monotonic() + 60
         while pids_with_env("LLMISVC_HOME", str(home)) and time.monotonic() < deadline:
             time.sleep(0.5)
+        leftover = pids_with_env("LLMISVC_HOME", str(home))
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
     assert deleted.returncode == 0, deleted.stderr
-    assert pids_with_env("LLMISVC_HOME", str(home)) == []
+    assert leftover == []

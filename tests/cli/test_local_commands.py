@@ -260,7 +260,7 @@ def test_control_in_foreground(env, tmp_path):
         assert home.stat().st_mode & 0o777 == 0o700
 
         second = run_cli(["control"], control_env, timeout=60)
-        assert second.returncode == 1
+        assert second.returncode == 3
         assert "already runs" in second.stderr
     finally:
         control.send_signal(signal.SIGINT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -29,6 +30,8 @@ def service(tmp_path_factory):
         deadline = time.monotonic() + 60
         while pids_with_env("LLMISVC_HOME", str(home)) and time.monotonic() < deadline:
             time.sleep(0.5)
+        for pid in pids_with_env("LLMISVC_HOME", str(home)):
+            os.kill(pid, signal.SIGKILL)
 
 
 def client_for(service, path: str = "") -> OpenAI:

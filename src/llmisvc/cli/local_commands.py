@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmisvc.runtime.local.client import ControlClient, ControlError, ControlNotRunning
+from llmisvc.runtime.local.client import EXIT_ALREADY_RUNNING, ControlClient, ControlError, ControlNotRunning
 from llmisvc.runtime.local.paths import Home, gateway_port_from_env
 
 SERVICE_RESOURCE = "llminferenceservice.serving.kserve.io"
@@ -430,7 +430,8 @@ def run_control(args: argparse.Namespace) -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _error(f"another control process already runs for {home.root}")
+        _error(f"another control process already runs for {home.root}")
+        return EXIT_ALREADY_RUNNING
     return asyncio.run(ControlServer(home, port).run())
 
 

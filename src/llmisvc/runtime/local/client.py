@@ -14,6 +14,9 @@ from llmisvc.runtime.local.process import LLMISVC_COMMAND
 
 _START_TIMEOUT_S = 90.0
 
+# Exit code of `llmisvc control` when another control process holds this home's lock.
+EXIT_ALREADY_RUNNING = 3
+
 
 class ControlError(RuntimeError):
     """The control process rejected a request; `kind` is "spec" for invalid input."""
@@ -53,8 +56,30 @@ class ControlClient:
         except ControlNotRunning:
             pass
         self.home.ensure()
+        process = self._spawn(gateway_port)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                return self.call("ping")
+            except ControlNotRunning:
+                pass
+            if process.poll() is not None:
+                try:
+                    return self.call("ping")
+                except ControlNotRunning:
+                    pass
+                if process.returncode != EXIT_ALREADY_RUNNING:
+                    raise ControlError(f"the control process exited with code {process.returncode}:\n{_tail(self.home.control_log)}")
+                # Another control process holds the lock: one that a concurrent CLI started,
+                # or one still stopping after its last service was deleted. Try again.
+                time.sleep(0.5)
+                process = self._spawn(gateway_port)
+            time.sleep(0.2)
+        raise ControlError(f"the control process did not start within {_START_TIMEOUT_S:.0f}s:\n{_tail(self.home.control_log)}")
+
+    def _spawn(self, gateway_port: int | None) -> subprocess.Popen:
         with open(self.home.control_log, "ab") as log:
-            process = subprocess.Popen(
+            return subprocess.Popen(
                 LLMISVC_COMMAND + ["control"] + ([] if gateway_port is None else ["--gateway-port", str(gateway_port)]),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -63,20 +88,6 @@ class ControlClient:
                 close_fds=True,
                 env=dict(os.environ, LLMISVC_HOME=str(self.home.root)),
             )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                return self.call("ping")
-            except ControlNotRunning:
-                pass
-            if process.poll() is not None:
-                # A concurrent CLI may have started another control process that won.
-                try:
-                    return self.call("ping")
-                except ControlNotRunning:
-                    raise ControlError(f"the control process exited with code {process.returncode}:\n{_tail(self.home.control_log)}")
-            time.sleep(0.2)
-        raise ControlError(f"the control process did not start within {_START_TIMEOUT_S:.0f}s:\n{_tail(self.home.control_log)}")
 
     def call(self, op: str, progress: Callable[[str], None] | None = None, **payload) -> dict:
         """Send one request and return its result; progress lines go to `progress`.
@@ -93,16 +104,28 @@ class ControlClient:
             sock.close()
             raise ControlError(f"cannot connect to {self.home.socket}: {exc}") from exc
         with sock, sock.makefile("rb") as replies:
-            sock.sendall(json.dumps({"op": op, **payload}).encode() + b"\n")
-            for line in replies:
-                message = json.loads(line)
-                if "progress" in message:
-                    if progress is not None:
-                        progress(message["progress"])
-                    continue
-                if message.get("ok"):
-                    return message["result"]
-                raise ControlError(message.get("error", "request failed"), message.get("kind", ""))
+            try:
+                sock.sendall(json.dumps({"op": op, **payload}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # The control process accepted the connection while it was stopping.
+                raise ControlNotRunning(f"the control process on {self.home.socket} is stopping") from exc
+            received = False
+            try:
+                for line in replies:
+                    received = True
+                    message = json.loads(line)
+                    if "progress" in message:
+                        if progress is not None:
+                            progress(message["progress"])
+                        continue
+                    if message.get("ok"):
+                        return message["result"]
+                    raise ControlError(message.get("error", "request failed"), message.get("kind", ""))
+            except ConnectionResetError:
+                pass
+        if not received:
+            # Closed before any reply: the control process was stopping when it accepted.
+            raise ControlNotRunning(f"the control process on {self.home.socket} is stopping")
         raise ControlError("the control process closed the connection without a reply; see " + str(self.home.control_log))
 
 
