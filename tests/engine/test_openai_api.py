@@ -26,7 +26,10 @@ def base(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("engine") / "engine.log"
     args = ["engine", "--port", str(port), "--served-model-name", MODEL, "--threads", "2",
-            "--max-num-batched-tokens", "64", "--max-num-seqs", "16", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]  # fmt: skip
+            "--max-num-batched-tokens", "64", "--max-num-seqs", "16", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
+            # 1024 blocks (16k tokens, about 380 MB) instead of the default 10% of RAM keeps
+            # several test engines within a shared machine's memory.
+            "--num-gpu-blocks-override", "1024"]  # fmt: skip
     process = start(args, log)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=300, process=process)

@@ -21,7 +21,8 @@ def server(tmp_path_factory):
     """An engine with an API key and two served names; records /health statuses while loading."""
     port = free_port()
     log = tmp_path_factory.mktemp("engine") / "engine.log"
-    args = ["engine", "--port", str(port), "--served-model-name", *NAMES, "--threads", "2", "--api-key", API_KEY]
+    args = ["engine", "--port", str(port), "--served-model-name", *NAMES, "--threads", "2", "--api-key", API_KEY,
+            "--num-gpu-blocks-override", "256"]  # fmt: skip
     process = start(args, log)
     base = f"http://127.0.0.1:{port}"
     statuses = []
