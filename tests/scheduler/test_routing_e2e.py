@@ -176,7 +176,9 @@ def test_concurrent_conversations_spread(cluster):
     # A shared system prompt pulls new conversations to one replica until it queues;
     # then the saturation filter sends them elsewhere.
     assert len(first_turns) >= 2, first_turns
-    assert together >= 12, dict(served)
+    # A turn whose replica is saturated at that moment moves on purpose, and how often
+    # that happens depends on host load, so most (not all) conversations must stay whole.
+    assert together >= 10, dict(served)
 
 
 def test_removed_stale_replica_leaves_routing_and_metrics(cluster, tmp_path):
