@@ -247,6 +247,14 @@ def test_unknown_and_unimplemented_params_400(client):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
 
 
+def test_out_of_vocabulary_token_400(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=[1, 2, 10**6], max_tokens=2)
+    assert "1000000" in str(info.value)
+    after = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2)
+    assert after.usage.completion_tokens == 2
+
+
 # ---------------------------------------------------------------- cache, batching, aborts
 
 

@@ -49,7 +49,9 @@ class OpenAIServing:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_names = model_names
-        self._vocab_size = self.tokenizer.vocab_size
+        # A token id past the model's embedding table would fail the whole engine step, so
+        # prompts are checked against the smaller of the two vocabularies.
+        self._vocab_size = min(self.tokenizer.vocab_size, engine.runner.config.vocab_size)
 
     # ------------------------------------------------------------------ entry points
 
