@@ -331,6 +331,28 @@ def test_delete_interrupts_waiting_apply(runtime):
             applying.kill()
 
 
+def test_liveness_failure_restarts_replica(runtime):
+    document = json.loads(service_yaml("zeta", "zeta-model", replicas=1, grace_s=2))
+    document["spec"]["template"]["containers"][0]["livenessProbe"] = {
+        "httpGet": {"path": "/not-served", "port": 8000},
+        "initialDelaySeconds": 0,
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }
+    runtime.apply(json.dumps(document), check=False, timeout=120)
+
+    def restarted_for_liveness():
+        replicas = runtime.describe("zeta")["replicas"]
+        last = replicas[0]["last_termination"] if replicas else None
+        return last if last and replicas[0]["restarts"] >= 1 else None
+
+    last = wait_for(restarted_for_liveness, timeout=90)
+    assert last["reason"] == "Unhealthy"
+    assert "liveness probe failed" in last["message"]
+    assert "404" in last["message"]
+    assert runtime.cli("delete", "zeta").returncode == 0
+
+
 def test_logs_follow_prints_new_lines(runtime):
     runtime.apply(service_yaml("beta", "beta-model", replicas=1))
     tail = runtime.cli("logs", "beta", "--tail", "3")
