@@ -344,6 +344,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    machine = machine_description()
     llama_python = ensure_llama_cpp(install=not args.no_install)
     llama = LlamaCppReference(llama_python, args.threads) if llama_python is not None else None
     runner = ModelRunner("smollm2", dtype="bfloat16", threads=args.threads, num_blocks=4096)
@@ -380,7 +381,6 @@ def main() -> None:
     if llama is not None:
         llama.close()
 
-    machine = machine_description()
     machine["load_average_end"] = os.getloadavg()
     report = {
         "command": "python " + " ".join(sys.argv),
