@@ -19,9 +19,15 @@ from support import free_port, start, stop, wait_http
 BLOCK = 4
 
 
-def make_scheduler(num_blocks=64, max_num_seqs=8, budget=32, caching=True, remote=None):
+def make_scheduler(num_blocks=64, max_num_seqs=8, budget=32, caching=True, remote=None, long_prefill=0):
     pool = BlockPool(num_blocks, BLOCK, enable_caching=caching)
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=1024, block_size=BLOCK)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_model_len=1024,
+        block_size=BLOCK,
+        long_prefill_token_threshold=long_prefill,
+    )
     return Scheduler(config, pool, remote_prefill=remote)
 
 
@@ -70,6 +76,16 @@ def test_decodes_run_while_a_long_prompt_prefills():
         assert done["short"] == 1
         assert done["long"] == 7
     assert long.in_prefill
+
+
+def test_long_prefill_threshold_caps_chunks():
+    scheduler = make_scheduler(budget=32, long_prefill=6)
+    first = make_seq(range(20), "first")
+    second = make_seq(range(50, 70), "second")
+    scheduler.add(first)
+    scheduler.add(second)
+    _, done = run_step(scheduler)
+    assert done == {"first": 6, "second": 6}
 
 
 def test_admission_limited_by_max_num_seqs():

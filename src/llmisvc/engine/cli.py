@@ -69,6 +69,12 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
         "--max-num-batched-tokens", type=int, default=2048, help="token budget per step for prefill chunks and decodes (default 2048)"
     )
 
+    parser.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=0,
+        help="maximum prompt tokens one sequence computes per step, so decodes keep a short step time (default 0: no cap)",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     parser.add_argument(
         "--enable-prefix-caching",
@@ -215,6 +221,7 @@ def _build_engine(args: argparse.Namespace, names: list[str], model_uri: str):
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         enable_prefix_caching=args.enable_prefix_caching,
         prefix_caching_hash_seed=args.prefix_caching_hash_seed,
         seed=args.seed,

@@ -45,6 +45,7 @@ class EngineConfig:
 
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     prefix_caching_hash_seed: str = ""
     seed: int | None = None
@@ -148,6 +149,7 @@ class LLMEngine:
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
             max_model_len=self.max_model_len,
             block_size=self.block_size,
         )

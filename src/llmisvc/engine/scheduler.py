@@ -27,13 +27,15 @@ class SchedulerConfig:
     """Limits of one engine.
 
     `max_num_batched_tokens` must be at least `max_num_seqs`, so that every running sequence
-    can always decode one token per step.
+    can always decode one token per step. `long_prefill_token_threshold` (0: off) caps one
+    sequence's prefill chunk per step, which bounds the step time that decodes wait for.
     """
 
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
     block_size: int
+    long_prefill_token_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -168,7 +170,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            requested = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            requested = self._chunk_size(seq.num_tokens - seq.num_computed_tokens, budget)
             granted = self._grow(seq, requested, scheduled, output)
             if granted:
                 output.chunks.append(ScheduledChunk(seq, granted))
@@ -178,6 +180,14 @@ class Scheduler:
         if not output.preempted:
             budget = self._admit(budget, output)
         return output
+
+    def _chunk_size(self, remaining: int, budget: int) -> int:
+        """Return how many of a sequence's `remaining` uncomputed tokens to run this step."""
+        size = min(remaining, budget)
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0:
+            size = min(size, threshold)
+        return size
 
     def _grow(self, seq: Sequence, requested: int, scheduled: set[int], output: SchedulerOutput) -> int:
         """Give `seq` blocks for up to `requested` more tokens, preempting others if needed.
@@ -248,7 +258,7 @@ class Scheduler:
                 output.remote_pulls.append((seq, len(hits)))
                 continue
 
-            requested = min(seq.num_tokens - num_cached, budget)
+            requested = self._chunk_size(seq.num_tokens - num_cached, budget)
             capacity = (len(hits) + free_after_hits) * size - num_cached
             granted = min(requested, capacity)
             if granted <= 0:
