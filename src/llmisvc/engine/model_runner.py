@@ -56,7 +56,8 @@ class ModelRunner:
     Args:
         model_uri: see `engine.loader` for accepted forms.
         dtype: "bfloat16" (default), "float32", "float16" or "auto".
-        device: "cpu", "cuda", "cuda:N" or a `torch.device`.
+        device: "cpu", "cuda", "cuda:N" or a `torch.device`. NOTE: the tests cover CPU only,
+            because no GPU was available. The CUDA path uses the same tensor ops but is unrun.
         block_size: tokens per KV block.
         num_blocks: KV pool size in blocks; None sizes it from `kv_cache_memory`.
         max_model_len: context length cap in tokens; None uses the model's.
@@ -128,10 +129,10 @@ class ModelRunner:
     def execute(self, inputs: list[StepInput]) -> torch.Tensor:
         """Run one forward step and return float32 logits `[len(inputs), vocab]` on the CPU.
 
-        Row `i` contains the next-token logits after the last token of `inputs[i]`. Each
-        sequence appears at most once. Raises `ValueError` for an empty entry, a `start_pos`
-        beyond what the sequence has computed, a length over `max_model_len`, or a block
-        table too short for the positions.
+        Row `i` contains the next-token logits after the last token of `inputs[i]`. Raises
+        `ValueError`, changing nothing, for a sequence listed twice, an empty entry, a
+        `start_pos` beyond what the sequence has computed, a length over `max_model_len`, or
+        a block table too short for the positions.
         """
         if not inputs:
             raise ValueError("execute() needs at least one StepInput")
