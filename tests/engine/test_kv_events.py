@@ -211,3 +211,8 @@ def test_engine_publishes_stored_and_removed(engine_with_events):
     later = collect_events(socket, removed_some)
     sequence_numbers = [seq for _, seq, _ in received + later]
     assert sequence_numbers == sorted(sequence_numbers)
+
+    assert requests.post(f"{base}/reset_prefix_cache", timeout=30).status_code == 200
+    collect_events(socket, lambda events: ["AllBlocksCleared"] in events)
+    again = requests.post(f"{base}/v1/completions", json=body, timeout=120).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

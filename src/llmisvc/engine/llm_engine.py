@@ -267,6 +267,16 @@ class LLMEngine:
         self._submit(run)
         return future
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached block hash; return False (and change nothing) while blocks are in use."""
+
+        def reset() -> bool:
+            done = self.pool.reset_prefix_cache()
+            self._publish_events()
+            return done
+
+        return await asyncio.wrap_future(self.call(reset))
+
     def stats(self) -> dict[str, Any]:
         """Return a snapshot of queue sizes and KV usage (read without locking; approximate)."""
         return {

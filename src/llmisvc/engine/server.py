@@ -2,12 +2,13 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`
 (503 until the model is loaded, 200 after), `GET /metrics`, `POST /tokenize`,
-`POST /detokenize`, `GET /version`. The server listens before the model is loaded, so
-supervisors can tell "loading" from "dead"; requests that need the model get 503 meanwhile.
+`POST /detokenize`, `GET /version`, `POST /reset_prefix_cache`. The server listens before
+the model is loaded, so supervisors can tell "loading" from "dead". Requests that need the
+model get 503 meanwhile.
 
 Errors are mapped to OpenAI error objects in one place (`_error_middleware`). When an API
-key is configured, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer KEY`
-(compared in constant time); `/health`, `/metrics` and `/version` stay open, as in vLLM.
+key is configured, every path except `/health`, `/ping`, `/metrics` and `/version` needs
+`Authorization: Bearer KEY` (compared in constant time).
 The handler task is cancelled when its client disconnects, which aborts the request.
 """
 
@@ -83,6 +84,7 @@ class EngineServer:
                 web.post("/tokenize", self.tokenize),
                 web.post("/detokenize", self.detokenize),
                 web.get("/version", self.version),
+                web.post("/reset_prefix_cache", self.reset_prefix_cache),
             ]
         )
 
@@ -206,6 +208,15 @@ class EngineServer:
     async def version(self, request: web.Request) -> web.Response:
         """GET /version."""
         return web.json_response({"version": llmisvc.__version__})
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """POST /reset_prefix_cache: drop every cached block (409 while requests hold blocks)."""
+        engine, _ = self._require_engine()
+        if not await engine.reset_prefix_cache():
+            body = error_body("blocks are in use; retry when no request is running", "conflict_error", None, 409)
+            return web.json_response(body, status=409)
+        logger.info("prefix cache reset on request")
+        return web.Response(status=200)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """POST /tokenize: `{prompt, add_special_tokens?}` or `{messages, add_generation_prompt?}`."""
