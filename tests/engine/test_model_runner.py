@@ -231,3 +231,19 @@ def test_embedded_model_bfloat16_tracks_float32():
         answer.append(token)
         step_logits = runners["bfloat16"].execute([StepInput("chat", [token], position, table)])
     assert "Kubernetes" in tokenizer.decode(answer)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_bfloat16_linear_matches_f_linear(rows, with_bias):
+    from llmisvc.engine.models.llama import Linear
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    bias = torch.randn(96, generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    got = Linear(weight, bias)(x)
+    assert got.shape == (rows, 96)
+    # bfloat16 output rounding: relative 2^-8 of values up to about 30.
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=0.25)
