@@ -81,7 +81,7 @@ class Scheduler:
     """Waiting and running queues over one `BlockPool`. Used only by the engine thread.
 
     `remote_prefill` decides whether a waiting sequence takes the remote-KV path (a
-    connector is configured and the request asks for it).
+    connector is configured and the request sets `do_remote_prefill`).
     """
 
     def __init__(self, config: SchedulerConfig, pool: BlockPool, remote_prefill=None):
