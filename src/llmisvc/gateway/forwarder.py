@@ -233,33 +233,34 @@ class Forwarder:
             endpoint.in_flight += 1
             if service.datastore is not None:
                 service.datastore.request_started(endpoint.address)
+            failure = None
             try:
-                outcome = await self._attempt(
-                    request, service, endpoint, path, relay, may_retry, request_id, body, fresh=fresh_retry_used
-                )
-            except ConnectFailed as exc:
-                outcome = exc
+                try:
+                    outcome = await self._attempt(
+                        request, service, endpoint, path, relay, may_retry, request_id, body, fresh=fresh_retry_used
+                    )
+                except ConnectFailed as exc:
+                    outcome = exc
+                failure = _failure(outcome, endpoint, relay, fresh_retry_used)
+                if failure is not None:
+                    # Counted before the release below, because releasing a drained endpoint removes its series.
+                    metrics.count_upstream_error(endpoint.address, failure[0])
             finally:
                 endpoint.in_flight -= 1
                 self._finish_on(service, endpoint, request_id)
 
             if outcome == DONE:
                 return
-            if outcome == RETRY_STATUS:
-                error_kind, message = "status_5xx", f"endpoint {endpoint.address} responded with status {relay.status}"
-            else:
-                exc = outcome
-                if isinstance(exc, UpstreamClosed) and exc.reused and not relay.head_sent and not fresh_retry_used:
-                    # An idle keep-alive connection the engine had just closed: same endpoint,
-                    # new connection, not counted as an attempt.
-                    fresh_retry_used = True
-                    attempt -= 1
-                    tried = tried[:-1]
-                    continue
-                error_kind, message = exc.kind, str(exc)
-                if not isinstance(exc, UpstreamTimeout):
-                    self.mark_unhealthy(service, endpoint, message)
-            metrics.count_upstream_error(endpoint.address, error_kind)
+            if failure is None:
+                # An idle keep-alive connection the engine had just closed: same endpoint,
+                # new connection, not counted as an attempt.
+                fresh_retry_used = True
+                attempt -= 1
+                tried = tried[:-1]
+                continue
+            error_kind, message = failure
+            if outcome != RETRY_STATUS and not isinstance(outcome, UpstreamTimeout):
+                self.mark_unhealthy(service, endpoint, message)
 
             if relay.head_sent:
                 self._end_broken_response(client, relay, message, request_id)
@@ -346,3 +347,18 @@ class Forwarder:
         """Wait briefly for early prefill releases still running."""
         if self._background:
             await asyncio.wait(self._background, timeout=2.0)
+
+
+def _failure(outcome: object, endpoint: Endpoint, relay: Relay, fresh_retry_used: bool) -> tuple[str, str] | None:
+    """Return the (error kind, message) of a failed attempt.
+
+    Returns None for a finished attempt and for the first close of a reused keep-alive
+    connection before any response byte, which is retried on a fresh connection.
+    """
+    if outcome == DONE:
+        return None
+    if outcome == RETRY_STATUS:
+        return "status_5xx", f"endpoint {endpoint.address} responded with status {relay.status}"
+    if isinstance(outcome, UpstreamClosed) and outcome.reused and not relay.head_sent and not fresh_retry_used:
+        return None
+    return outcome.kind, str(outcome)

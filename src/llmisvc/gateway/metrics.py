@@ -15,6 +15,8 @@ Metric families (label `model` is the served model name):
 - `llmisvc_gateway_prompt_tokens_total{model}`, `llmisvc_gateway_generation_tokens_total{model}`:
   from the `usage` object of responses that carry one.
 - `llmisvc_gateway_endpoint_picks_total{model, endpoint}`.
+
+Series labelled with an endpoint are removed once it has left its service and has no request in flight.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class ModelMetrics:
         "prompt_tokens",
         "generation_tokens",
         "_picks",
+        "_upstream_errors",
     )
 
     def __init__(self, parent: GatewayMetrics, model: str):
@@ -184,6 +187,7 @@ class ModelMetrics:
         self.prompt_tokens = parent.prompt_tokens.labels(model)
         self.generation_tokens = parent.generation_tokens.labels(model)
         self._picks: dict[str, object] = {}
+        self._upstream_errors: dict[tuple[str, str], object] = {}
 
     def count_request(self, status: int) -> None:
         """Count one finished request with HTTP status `status`."""
@@ -203,7 +207,20 @@ class ModelMetrics:
 
     def count_upstream_error(self, endpoint: str, kind: str) -> None:
         """Count one failed upstream call."""
-        self._parent.upstream_errors.labels(self.model, endpoint, kind).inc()
+        child = self._upstream_errors.get((endpoint, kind))
+        if child is None:
+            child = self._parent.upstream_errors.labels(self.model, endpoint, kind)
+            self._upstream_errors[(endpoint, kind)] = child
+        child.inc()
+
+    def remove_endpoint(self, endpoint: str) -> None:
+        """Drop every series labelled with `endpoint`, so a departed replica leaves /metrics."""
+        if self._picks.pop(endpoint, None) is not None:
+            self._parent.picks.remove(self.model, endpoint)
+        for address, kind in list(self._upstream_errors):
+            if address == endpoint:
+                del self._upstream_errors[(address, kind)]
+                self._parent.upstream_errors.remove(self.model, address, kind)
 
     def count_usage(self, usage: dict) -> None:
         """Add the token counts of an OpenAI `usage` object."""

@@ -295,8 +295,20 @@ class ServiceTable:
         if endpoint.draining and endpoint.in_flight == 0:
             if service.endpoints.get(endpoint.address) is endpoint:
                 del service.endpoints[endpoint.address]
+                self._remove_endpoint_series(service, endpoint.address)
             service.invalidate()
             endpoint.pool.close()
+
+    def _remove_endpoint_series(self, service: Service, address: str) -> None:
+        # A deleted service's datastore is closed and never reports the removal itself.
+        self.scheduler_metrics.remove_endpoint(service.key, address)
+        # Gateway series are per model, so they stay while another service of the same
+        # model still routes to this address.
+        for other in self.by_key.values():
+            if other is not service and other.model == service.model and address in other.endpoints:
+                return
+        if service.metrics is not None:
+            service.metrics.remove_endpoint(address)
 
     def _build_scheduler(self, namespace: str, name: str, spec: dict[str, Any]) -> Scheduler:
         async def fetch_metrics(address: str) -> str:
