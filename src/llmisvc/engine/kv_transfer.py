@@ -339,8 +339,9 @@ def import_nixl() -> Any | None:
 class NixlAgent:
     """One NIXL agent with the staging slab registered, serialised by a lock.
 
-    The agent is created in NIXL_THREAD_SYNC_NONE mode by default, which is not safe for
-    concurrent calls, and pulls run in executor threads, so every call holds `_lock`.
+    nixl-cu12 1.5.1 creates an agent without a listener thread in NIXL_THREAD_SYNC_NONE
+    mode, which is not safe for concurrent calls. Pulls run in executor threads, so every
+    call takes `_lock`.
     """
 
     def __init__(self, module: Any, name: str, slab: StagingSlab):
@@ -479,7 +480,8 @@ class _Held:
 class PullTiming:
     """Timing of the last successful pull (benchmarks and debugging).
 
-    `wire_seconds` covers the block read alone (the NIXL READ or the TCP stream), and
+    `wire_seconds` covers the block read alone (the NIXL READ, the TCP stream, or the
+    shared-memory copy into the pool), and
     `total_seconds` the whole pull: side-channel calls, the read and the import.
     """
 
@@ -491,7 +493,7 @@ class PullTiming:
 
 @dataclass
 class _PeerInfo:
-    """What the side channel returned about a prefill engine."""
+    """Metadata a prefill engine returned on the side channel."""
 
     engine_id: str
     transports: list[str]
@@ -506,7 +508,7 @@ class _PeerInfo:
 
 
 class NixlConnector:
-    """KV connector with NIXL or TCP transport (module docstring has the protocol).
+    """KV connector with shared-memory, NIXL or TCP transport (the module docstring has the protocol).
 
     `runner` provides `export_blocks(block_ids) -> Tensor` and `import_blocks(block_ids,
     tensor)`; `release_held(request_id)` is the core's callback that frees held blocks and
