@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import requests
 
 from gateway_harness import GatewayProcess, ScriptedBackend, SimProcess, no_scheduler_entry, wait_until
 
 pytestmark = pytest.mark.e2e
+
+COMPLETION = {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}]}
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,33 @@ def test_deleted_scheduler_service_series_dropped(tmp_path, sims):
         assert wait_until(lambda: not metric_lines(gateway, address), timeout=10), metric_lines(gateway, address)
     finally:
         gateway.stop()
+
+
+def test_endpoint_turned_ready_is_routable_at_once(tmp_path):
+    # With 2 s between probes, the next probe comes long after the request below.
+    gateway = GatewayProcess(tmp_path, "--health-interval", "2")
+    loaded = threading.Event()
+
+    def script(connection):
+        # Like an engine still loading its weights: /health fails until `loaded` is set.
+        if connection.request.path == "/health":
+            connection.send_json(200 if loaded.is_set() else 503, {})
+        else:
+            connection.send_json(200, COMPLETION)
+        return True
+
+    backend = ScriptedBackend(script)
+    try:
+        entry = {"model": "loading", "shape": "no-scheduler", "endpoints": [{"address": backend.address, "ready": False}]}
+        gateway.put_service("loading", entry)
+        assert wait_until(lambda: gateway.service("loading")["endpoints"][0]["healthy"] is False, timeout=10)
+
+        loaded.set()
+        entry["endpoints"][0]["ready"] = True
+        view = gateway.put_service("loading", entry)
+        assert view["endpoints"][0]["healthy"] is True
+        response = requests.post(gateway.url + "/v1/completions", json={"model": "loading", "prompt": "x"}, timeout=10)
+        assert response.status_code == 200, response.text
+    finally:
+        gateway.stop()
+        backend.stop()

@@ -5,6 +5,8 @@ A refused connection or a non-200 status marks the endpoint unhealthy, so the pi
 it; a 200 marks it healthy again. A probe that times out changes nothing, because a CPU
 engine busy with a long prompt can be slow to respond and is still alive. The proxy also
 marks an endpoint unhealthy at once when a connection to it fails or dies mid-response.
+An admin update that turns an endpoint from not ready to ready marks it healthy at once,
+because a probe that failed while the engine was loading is out of date.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ class Endpoint:
     """One engine replica in the gateway's view.
 
     `ready` comes from the controller; `healthy` is the gateway's own view (cleared when a
-    connection fails or a stream dies, set again by a passing health probe); `draining`
+    connection fails or a stream dies, set again by a passing health probe or when the
+    controller turns the endpoint from not ready to ready); `draining`
     marks an endpoint removed from its service that still has requests in flight.
     """
 
@@ -343,6 +344,14 @@ class ServiceTable:
                 endpoint = Endpoint(address, item["role"], item["labels"], item["ready"], pool)
                 service.endpoints[address] = endpoint
             else:
+                if item["ready"] and not endpoint.ready and not endpoint.healthy:
+                    # A probe that failed while the engine was still loading is out of date once
+                    # the controller reports the engine ready, and the next probe may be seconds away.
+                    endpoint.healthy = True
+                    logger.info(
+                        "endpoint %s of %s/%s is ready; health probe failures before that are cleared",
+                        address, service.namespace, service.name,
+                    )
                 endpoint.role = item["role"]
                 endpoint.labels = item["labels"]
                 endpoint.ready = item["ready"]
