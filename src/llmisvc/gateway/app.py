@@ -55,6 +55,7 @@ class GatewaySettings:
     health_interval: float = 2.0
     idle_timeout: float = 75.0
     scrape_interval: float = 0.05
+    metrics_staleness: float | None = None
     prefill_timeout: float = 60.0
     limits: Limits = None  # type: ignore[assignment]
 
@@ -71,7 +72,12 @@ class Gateway:
         self.loop = loop
         self.metrics = GatewayMetrics()
         self.table = ServiceTable(
-            self.metrics, settings.limits, loop, settings.connect_timeout, scrape_interval=settings.scrape_interval
+            self.metrics,
+            settings.limits,
+            loop,
+            settings.connect_timeout,
+            scrape_interval=settings.scrape_interval,
+            metrics_staleness=settings.metrics_staleness,
         )
         self.admin = AdminAPI(self.table, settings.admin_token)
         self._api_key = settings.api_key.encode() if settings.api_key else None

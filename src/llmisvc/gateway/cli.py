@@ -52,10 +52,21 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
         help="seconds a client connection may send nothing between or within requests before it is closed (default 75)",
     )
     parser.add_argument(
+        "--metrics-scrape-interval",
         "--scrape-interval",
-        type=float,
+        dest="metrics_scrape_interval",
+        type=_positive_seconds,
         default=0.05,
         help="seconds between engine /metrics scrapes for services with a scheduler (default 0.05)",
+    )
+    parser.add_argument(
+        "--metrics-staleness",
+        type=_positive_seconds,
+        default=None,
+        help=(
+            "seconds after which an endpoint's scraped metrics count as stale, so the scheduler treats the "
+            "endpoint as saturated (default 10 scrape intervals, at least 0.5)"
+        ),
     )
     parser.add_argument(
         "--prefill-timeout",
@@ -65,6 +76,17 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     )
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health probes of each endpoint (default 2)")
     parser.set_defaults(func=run)
+
+
+def _positive_seconds(text: str) -> float:
+    """Parse a duration in seconds that must be greater than 0 (an argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0 seconds, got {text}")
+    return value
 
 
 def raise_open_file_limit() -> int:
@@ -106,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         admin_token=admin_token,
         health_interval=args.health_interval,
         idle_timeout=args.idle_timeout,
-        scrape_interval=args.scrape_interval,
+        scrape_interval=args.metrics_scrape_interval,
+        metrics_staleness=args.metrics_staleness,
         prefill_timeout=args.prefill_timeout,
         limits=Limits(args.max_concurrency, args.max_queue, args.queue_timeout),
     )

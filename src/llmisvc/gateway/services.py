@@ -209,12 +209,15 @@ class ServiceTable:
         loop: asyncio.AbstractEventLoop,
         connect_timeout: float,
         scrape_interval: float = 0.05,
+        metrics_staleness: float | None = None,
     ):
         self._metrics = metrics
         self._limits = limits
         self._loop = loop
         self._connect_timeout = connect_timeout
         self._scrape_interval = scrape_interval
+        # None keeps the Datastore's default window.
+        self._metrics_staleness = metrics_staleness
         self.scheduler_metrics = SchedulerMetrics(metrics.registry)
         self.by_key: dict[tuple[str, str], Service] = {}
         self.by_model: dict[str, Service] = {}
@@ -319,7 +322,7 @@ class ServiceTable:
                 raise ScrapeError(f"service {namespace}/{name} was deleted")
             return await service.scrape(address)
 
-        datastore = Datastore(scrape_interval=self._scrape_interval, fetcher=fetch_metrics)
+        datastore = Datastore(scrape_interval=self._scrape_interval, staleness=self._metrics_staleness, fetcher=fetch_metrics)
         try:
             return Scheduler.from_config(
                 spec["scheduler_config"],
