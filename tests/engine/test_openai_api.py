@@ -5,6 +5,7 @@ and tests can observe decodes interleaving with them and disconnects landing mid
 """
 
 import concurrent.futures
+import json
 import threading
 import time
 
@@ -167,6 +168,46 @@ def test_stop_string_split_across_tokens(client):
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_token_ids_and_included_stop_string(base):
+    prompt = "The three primary colors are"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    reference = requests.post(f"{base}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    ids = requests.post(f"{base}/tokenize", json={"prompt": reference, "add_special_tokens": False}, timeout=10).json()["tokens"]
+
+    stopped = requests.post(f"{base}/v1/completions", json={**body, "stop_token_ids": [ids[2]]}, timeout=120).json()
+    choice = stopped["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["stop_reason"] == ids[2]
+    assert reference.startswith(choice["text"])
+    assert len(choice["text"]) < len(reference)
+
+    stop = reference.strip()[:3]
+    included = {**body, "stop": [stop], "include_stop_str_in_output": True}
+    choice = requests.post(f"{base}/v1/completions", json=included, timeout=120).json()["choices"][0]
+    assert choice["text"] == reference[: reference.index(stop) + len(stop)]
+    assert choice["stop_reason"] == stop
+
+
+def test_continuous_usage_stats(base):
+    body = {
+        "model": MODEL,
+        "prompt": "Hello there",
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        "ignore_eos": True,
+    }
+    with requests.post(f"{base}/v1/completions", json=body, stream=True, timeout=120) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert all("usage" in chunk for chunk in chunks)
+    assert counts == sorted(counts)
+    assert counts[-1] == 6
+    assert chunks[-1]["choices"] == []
 
 
 def test_logprobs(client):
