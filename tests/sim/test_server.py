@@ -122,6 +122,42 @@ def test_errors_match_openai(sims):
     assert info.value.body["param"] == "temperature"
 
 
+def test_unknown_fields_ignored(sims):
+    # vLLM ignores top-level fields it does not define, and routers add their own.
+    port, _, _ = sims
+    client = _client(port)
+    extra = {"no_stop_trim": True, "router_hint": {"session": "abc"}}
+    completion = client.completions.create(model="sim", prompt="hello", max_tokens=2, extra_body=extra)
+    assert completion.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body=extra
+    )
+    assert chat.choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True, extra_body=extra
+    )
+    finish_reasons = [chunk.choices[0].finish_reason for chunk in stream if chunk.choices]
+    assert finish_reasons[-1] == "length"
+    tokenized = requests.post(
+        f"http://127.0.0.1:{port}/tokenize",
+        json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "add_special_tokens": False},
+        timeout=10,
+    )
+    assert tokenized.status_code == 200, tokenized.text
+
+
+def test_unimplemented_fields_still_400(sims):
+    port, _, _ = sims
+    client = _client(port)
+    with pytest.raises(openai.BadRequestError) as suffix:
+        client.completions.create(model="sim", prompt="x", suffix="tail", extra_body={"no_stop_trim": True})
+    assert suffix.value.body["param"] == "suffix"
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError) as tools:
+        client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert tools.value.body["param"] == "tools"
+
+
 def test_tokenize_counts_four_chars(sims):
     port, _, _ = sims
     body = requests.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "abcdefghi"}, timeout=5).json()

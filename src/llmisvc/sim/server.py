@@ -5,6 +5,8 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streaming and usage
 `POST /tokenize`, `POST /detokenize`, plus simulator-only `GET /sim/state` (true cache contents and load, for
 oracle policies) and `POST /sim/kv/release` (a decode replica frees blocks it pulled).
 Request bodies are validated by `llmisvc.protocol.openai`, so errors match the engine's.
+One difference: top-level fields the protocol does not define are ignored and logged at debug
+level, as vLLM does, so routers that add their own fields work against the simulator.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ from llmisvc.protocol.prompt_text import SIM_CHARS_PER_TOKEN, ChatRenderer, sim_
 from llmisvc.sim.engine import RequestTooLargeError, SimEngine, SimRequest
 
 logger = logging.getLogger(__name__)
+
+# Every field the protocol module defines, implemented or not, so the parser still rejects
+# known but unimplemented parameters (tools, suffix, best_of) with 400.
+# NOTE: these are private names of llmisvc.protocol.openai. The engine parses with the same
+# module and still rejects unknown fields with 400.
+_COMPLETION_FIELDS = openai._COMPLETION_KEYS
+_CHAT_FIELDS = openai._CHAT_KEYS
 
 
 class SimServer:
@@ -80,7 +89,8 @@ class SimServer:
             if not isinstance(body, dict):
                 raise BadRequestError("request body must be a JSON object")
             if "messages" in body:
-                text = self.renderer.render(openai.parse_chat_request({**body, "model": body.get("model") or self.engine.model_name}).messages)
+                chat_body = _drop_unknown_fields({**body, "model": body.get("model") or self.engine.model_name}, _CHAT_FIELDS, "/tokenize")
+                text = self.renderer.render(openai.parse_chat_request(chat_body).messages)
             elif isinstance(body.get("prompt"), str):
                 text = body["prompt"]
             else:
@@ -104,7 +114,8 @@ class SimServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
-            parsed = openai.parse_completion_request(openai.parse_json_body(await request.read()))
+            body = _drop_unknown_fields(openai.parse_json_body(await request.read()), _COMPLETION_FIELDS, request.path)
+            parsed = openai.parse_completion_request(body)
             self._check_model(parsed.model)
             prompts = []
             for prompt in parsed.prompts:
@@ -118,7 +129,8 @@ class SimServer:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
-            parsed = openai.parse_chat_request(openai.parse_json_body(await request.read()))
+            body = _drop_unknown_fields(openai.parse_json_body(await request.read()), _CHAT_FIELDS, request.path)
+            parsed = openai.parse_chat_request(body)
             self._check_model(parsed.model)
             text = self.renderer.render(parsed.messages, parsed.add_generation_prompt)
         except APIError as exc:
@@ -284,3 +296,20 @@ def _drop_connection(request: web.Request) -> None:
 
 def _error_response(exc: APIError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status)
+
+
+def _drop_unknown_fields(body: Any, known: frozenset[str], route: str) -> Any:
+    """Return `body` without the top-level fields outside `known`, logging them at debug level.
+
+    vLLM's request models accept extra fields and only log them at debug level
+    (`OpenAIBaseModel` in vllm/entrypoints/openai/engine/protocol.py), and routers rely on
+    that when they add fields such as `no_stop_trim`. A body that is not an object is
+    returned unchanged for the parser to reject.
+    """
+    if not isinstance(body, dict):
+        return body
+    unknown = body.keys() - known
+    if not unknown:
+        return body
+    logger.debug("ignoring request fields not defined for %s: %s", route, ", ".join(sorted(unknown)))
+    return {key: value for key, value in body.items() if key in known}
