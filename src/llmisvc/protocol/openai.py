@@ -95,6 +95,11 @@ _CHAT_KEYS = _COMMON_KEYS | {
 }
 _CHAT_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
+# Every top-level field the parsers know, implemented or not. A server that ignores unknown
+# fields (as vLLM does) drops the fields outside these sets before parsing.
+COMPLETION_FIELDS = _COMPLETION_KEYS
+CHAT_FIELDS = _CHAT_KEYS
+
 
 @dataclass
 class SamplingOptions:
