@@ -30,10 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Every field the protocol module defines, implemented or not, so the parser still rejects
 # known but unimplemented parameters (tools, suffix, best_of) with 400.
-# NOTE: these are private names of llmisvc.protocol.openai. The engine parses with the same
-# module and still rejects unknown fields with 400.
-_COMPLETION_FIELDS = openai._COMPLETION_KEYS
-_CHAT_FIELDS = openai._CHAT_KEYS
+_COMPLETION_FIELDS = openai.COMPLETION_FIELDS
+_CHAT_FIELDS = openai.CHAT_FIELDS
 
 
 class SimServer:
