@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import requests
@@ -111,5 +112,45 @@ def test_endpoint_turned_ready_is_routable_at_once(tmp_path):
         response = requests.post(gateway.url + "/v1/completions", json={"model": "loading", "prompt": "x"}, timeout=10)
         assert response.status_code == 200, response.text
     finally:
+        gateway.stop()
+        backend.stop()
+
+
+def test_probe_from_loading_time_ignored(tmp_path):
+    gateway = GatewayProcess(tmp_path, "--health-interval", "1")
+    loaded = threading.Event()
+    release_probe = threading.Event()
+
+    def script(connection):
+        # A probe sent while loading is held until `release_probe`, then fails.
+        if connection.request.path == "/health":
+            if loaded.is_set():
+                connection.send_json(200, {})
+            else:
+                release_probe.wait(10)
+                connection.send_json(503, {})
+        else:
+            connection.send_json(200, COMPLETION)
+        return True
+
+    backend = ScriptedBackend(script)
+    try:
+        entry = {"model": "slow-probe", "shape": "no-scheduler", "endpoints": [{"address": backend.address, "ready": False}]}
+        gateway.put_service("slow-probe", entry)
+        assert wait_until(lambda: any(r.path == "/health" for r in backend.requests), timeout=10)
+
+        loaded.set()
+        entry["endpoints"][0]["ready"] = True
+        gateway.put_service("slow-probe", entry)
+        release_probe.set()
+        # The held probe's 503 arrives within milliseconds; the next probe is about 1 s away.
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            assert gateway.service("slow-probe")["endpoints"][0]["healthy"] is True
+            time.sleep(0.05)
+        response = requests.post(gateway.url + "/v1/completions", json={"model": "slow-probe", "prompt": "x"}, timeout=10)
+        assert response.status_code == 200, response.text
+    finally:
+        release_probe.set()
         gateway.stop()
         backend.stop()

@@ -6,7 +6,8 @@ it; a 200 marks it healthy again. A probe that times out changes nothing, becaus
 engine busy with a long prompt can be slow to respond and is still alive. The proxy also
 marks an endpoint unhealthy at once when a connection to it fails or dies mid-response.
 An admin update that turns an endpoint from not ready to ready marks it healthy at once,
-because a probe that failed while the engine was loading is out of date.
+because a probe that failed while the engine was loading is out of date. For the same
+reason a failed probe that was sent before the endpoint turned ready changes nothing.
 """
 
 from __future__ import annotations
@@ -43,15 +44,24 @@ class HealthProber:
 
     async def _probe(self, service: Service, endpoint: Endpoint) -> None:
         headers = [(b"authorization", service.engine_authorization)] if service.engine_authorization else []
+        ready_at_start = endpoint.ready
         try:
             status, _ = await fetch(endpoint.pool, "GET", "/health", headers=headers, timeout=self._timeout)
         except UpstreamTimeout:
             logger.info("health probe of %s timed out after %g s", endpoint.address, self._timeout)
             return
         except UpstreamError as exc:
-            self._set(service, endpoint, False, str(exc))
+            failure = str(exc)
+        else:
+            if status == 200:
+                self._set(service, endpoint, True, "GET /health returned status 200")
+                return
+            failure = f"GET /health returned status {status}"
+        if endpoint.ready and not ready_at_start:
+            # The probe started while the engine was loading, so the controller's later report wins.
+            logger.debug("health probe of %s sent before it turned ready failed: %s", endpoint.address, failure)
             return
-        self._set(service, endpoint, status == 200, f"GET /health returned status {status}")
+        self._set(service, endpoint, False, failure)
 
     def _set(self, service: Service, endpoint: Endpoint, healthy: bool, reason: str) -> None:
         if endpoint.healthy == healthy:
