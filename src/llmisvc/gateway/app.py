@@ -57,6 +57,9 @@ class GatewaySettings:
     scrape_interval: float = 0.05
     metrics_staleness: float | None = None
     prefill_timeout: float = 60.0
+    # "gateway": run both legs of a split request here; "sidecar": delegate them to the
+    # decode endpoint's sidecar with x-prefiller-host-port (Kubernetes).
+    pd_legs: str = "gateway"
     limits: Limits = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -84,7 +87,8 @@ class Gateway:
         pd = PDOrchestrator(PDMetrics(self.metrics.registry), prefill_timeout=settings.prefill_timeout)
         # Without a gateway API key the client's Authorization may be meant for the engine.
         self.forwarder = Forwarder(
-            self.table, pd, loop, settings.attempts, settings.upstream_timeout, forward_client_authorization=self._api_key is None
+            self.table, pd, loop, settings.attempts, settings.upstream_timeout, forward_client_authorization=self._api_key is None,
+            pd_legs=settings.pd_legs,
         )
         self._tasks: list[asyncio.Task] = []
         self.connections = ConnectionRegistry(settings.idle_timeout)

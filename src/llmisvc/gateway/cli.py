@@ -74,6 +74,16 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
         default=60.0,
         help="seconds a prefill leg may take before the request falls back to decode-only (default 60)",
     )
+    parser.add_argument(
+        "--pd-legs",
+        choices=("gateway", "sidecar"),
+        default="gateway",
+        help=(
+            "who runs the prefill and decode legs of a split request of a 'pd' service: the gateway itself, or "
+            "the decode endpoint's 'llmisvc sidecar', told the chosen prefill endpoint in x-prefiller-host-port "
+            "(Kubernetes; default gateway)"
+        ),
+    )
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between health probes of each endpoint (default 2)")
     parser.set_defaults(func=run)
 
@@ -131,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         scrape_interval=args.metrics_scrape_interval,
         metrics_staleness=args.metrics_staleness,
         prefill_timeout=args.prefill_timeout,
+        pd_legs=args.pd_legs,
         limits=Limits(args.max_concurrency, args.max_queue, args.queue_timeout),
     )
     entries = load_config(args.config) if args.config is not None else []

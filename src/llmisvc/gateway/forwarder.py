@@ -6,8 +6,11 @@ Order of checks, each with its status (the gateway's status-code table):
 3. a `Sheddable` request while the scheduler reports saturation → 429 `saturated`;
 4. admission: queue full → 429 `queue-full` (or `displaced`), queue wait past its timeout → 503;
 5. the scheduler's pick: every candidate filtered out → 429, no ready endpoint → 503;
-6. prefill/decode: the prefill leg via `pd.PDOrchestrator` (a prefill 4xx goes to the client
-   as it came; a prefill failure falls back to decode-only);
+6. prefill/decode: with `pd_legs="gateway"` the prefill leg via `pd.PDOrchestrator` (a
+   prefill 4xx goes to the client as it came; a prefill failure falls back to decode-only);
+   with `pd_legs="sidecar"` (Kubernetes) no leg runs here: the request goes to the decode
+   endpoint (its sidecar) with `x-prefiller-host-port` naming the chosen prefill endpoint,
+   and without that header when the scheduler kept the request on decode;
 7. attempts: a connect failure, a connection closed before any response byte, or a 5xx head
    moves to another endpoint (`--attempts` in total); nothing is retried once a byte reached
    the client. All attempts failing → 502; an upstream timeout → 504.
@@ -45,6 +48,8 @@ logger = logging.getLogger(__name__)
 _REQUEST_ID = h.REQUEST_ID.encode()
 _CRITICALITY = h.CRITICALITY.encode()
 _DROP_REASON = h.DROP_REASON.encode()
+_PREFILLER_HOST_PORT = h.PREFILLER_HOST_PORT.encode()
+PD_LEGS = ("gateway", "sidecar")
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -66,8 +71,13 @@ class Forwarder:
         attempts: int,
         upstream_timeout: float,
         forward_client_authorization: bool,
+        pd_legs: str = "gateway",
     ):
+        if pd_legs not in PD_LEGS:
+            raise ValueError(f"pd_legs must be one of {', '.join(PD_LEGS)}, got {pd_legs!r}")
         self._table = table
+        # Who runs the two legs of a split request: this gateway, or the decode pod's sidecar.
+        self._pd_legs = pd_legs
         self._pd = pd
         self._loop = loop
         self._attempts_allowed = attempts
@@ -106,7 +116,11 @@ class Forwarder:
             endpoint, prefill_endpoint, extra_headers = self._choose(request, service, body, request_id)
             upstream_body = request.body
             rewriter = None
-            if prefill_endpoint is not None:
+            added: tuple[tuple[bytes, bytes], ...] = ()
+            if prefill_endpoint is not None and self._pd_legs == "sidecar":
+                self._pd.count_delegated_split(service.model)
+                added = ((_PREFILLER_HOST_PORT, prefill_endpoint.address.encode()),)
+            elif prefill_endpoint is not None:
                 prefill = await self._run_prefill(request, service, path, body, request_id, prefill_endpoint)
                 if prefill.response is not None:
                     status = prefill.response[0]
@@ -117,7 +131,7 @@ class Forwarder:
 
             relay = Relay(client, self._loop, request_id, metrics, start, rewriter, extra_headers)
             role = "decode" if service.shape == "pd" else None
-            await self._attempts(request, client, service, endpoint, path, relay, request_id, upstream_body, role)
+            await self._attempts(request, client, service, endpoint, path, relay, request_id, upstream_body, role, added)
             status = relay.status
         except APIError as exc:
             status = exc.status
@@ -220,6 +234,7 @@ class Forwarder:
         request_id: bytes,
         body: bytes,
         role: str | None,
+        added: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """Send the request to `endpoint`, and to others on a failure before the first response byte."""
         metrics = service.metrics
@@ -237,7 +252,8 @@ class Forwarder:
             try:
                 try:
                     outcome = await self._attempt(
-                        request, service, endpoint, path, relay, may_retry, request_id, body, fresh=fresh_retry_used
+                        request, service, endpoint, path, relay, may_retry, request_id, body,
+                        fresh=fresh_retry_used, added=added,
                     )
                 except ConnectFailed as exc:
                     outcome = exc
@@ -285,13 +301,14 @@ class Forwarder:
         request_id: bytes,
         body: bytes,
         fresh: bool = False,
+        added: tuple[tuple[bytes, bytes], ...] = (),
     ) -> object:
         """Run one attempt; return DONE, RETRY_STATUS or the UpstreamError that ended it."""
         connection, reused = await endpoint.pool.acquire(fresh)
         authorization = service.engine_authorization
         if authorization is None and self._forward_client_authorization:
             authorization = request.header(b"authorization")
-        head = build_request_head(request, path, endpoint.address, request_id, len(body), authorization)
+        head = build_request_head(request, path, endpoint.address, request_id, len(body), authorization, added)
         service.metrics.count_pick(endpoint.address)
         outcome = relay.begin(connection, endpoint.address, may_retry)
         connection.send(head, body, relay, self._upstream_timeout)

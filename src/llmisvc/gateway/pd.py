@@ -159,6 +159,14 @@ class PDOrchestrator:
         """Count a request the scheduler kept on the decode endpoint alone."""
         self.metrics.decisions.labels(model=model, decision="decode_only").inc()
 
+    def count_delegated_split(self, model: str) -> None:
+        """Count a split request whose legs the decode endpoint's sidecar runs.
+
+        The gateway calls this in sidecar mode, where it only names the prefill endpoint
+        (`x-prefiller-host-port`); `run_prefill` counts the decision where the legs run.
+        """
+        self.metrics.decisions.labels(model=model, decision="prefill_decode").inc()
+
     async def run_prefill(
         self,
         *,

@@ -73,11 +73,14 @@ def build_request_head(
     request_id: bytes,
     body_length: int,
     authorization: bytes | None,
+    added: tuple[tuple[bytes, bytes], ...] = (),
 ) -> bytes:
     """Return the upstream request head (request line and headers, ending in a blank line).
 
     `path` is the engine path (the service prefix removed); `authorization` is the full
-    `Authorization` value to send, or None to send none.
+    `Authorization` value to send, or None to send none. `added` are headers the gateway
+    itself sets (for example `x-prefiller-host-port` in sidecar mode); they are sent after
+    the client's, whose copies of routing headers are always dropped.
     """
     target = path if not request.query else f"{path}?{request.query.decode('latin-1')}"
     parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method, target.encode("latin-1"), address.encode())]
@@ -89,6 +92,8 @@ def build_request_head(
     parts.append(b"x-request-id: %s\r\n" % request_id)
     if authorization is not None:
         parts.append(b"authorization: %s\r\n" % authorization)
+    for name, value in added:
+        parts.append(b"%s: %s\r\n" % (name, value))
     if body_length or request.method not in (b"GET", b"HEAD"):
         parts.append(b"content-length: %d\r\n" % body_length)
     parts.append(b"\r\n")
