@@ -182,6 +182,39 @@ def test_pd_decode_pod_runs_sidecar():
     assert binding["roleRef"]["name"] == "llama-pd-kserve-role"
 
 
+def test_pd_gateway_delegates_legs_to_sidecar():
+    def gateway_args(sample: str) -> list[str]:
+        scheduler = next(o for o in render(sample)
+                         if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-kserve-router-scheduler"))
+        return main_container(scheduler["spec"]["template"]["spec"])["args"]
+
+    args = gateway_args("pd")
+    assert args[args.index("--pd-legs") + 1] == "sidecar"
+    # Without a prefill pool there is no sidecar to delegate to.
+    assert "--pd-legs" not in gateway_args("scheduler")
+
+
+def test_pd_multi_node_decode_leader_runs_sidecar():
+    objects = by_key(render("pd-worker"))
+    lws = objects[("LeaderWorkerSet", "deepseek-pd-kserve-mn")]
+    template = lws["spec"]["leaderWorkerTemplate"]
+    leader = template["leaderTemplate"]["spec"]
+    sidecar = next(c for c in leader["initContainers"] if c["name"] == "llm-d-routing-sidecar")
+    assert sidecar["args"][:4] == ["--port", "8000", "--vllm-port", "8001"]
+    engine = main_container(leader)
+    assert engine["args"][engine["args"].index("--port") + 1] == "8001"
+    assert leader["serviceAccountName"] == "deepseek-pd-kserve"
+    assert template["leaderTemplate"]["metadata"]["labels"]["llm-d.ai/role"] == "decode"
+    # Workers only join the leader's engine; requests never reach them.
+    worker = template["workerTemplate"]["spec"]
+    assert all(c["name"] != "llm-d-routing-sidecar" for c in worker.get("initContainers") or [])
+    assert ("Role", "deepseek-pd-kserve-role") in objects
+    assert ("RoleBinding", "deepseek-pd-kserve-rb") in objects
+    prefill = objects[("Deployment", "deepseek-pd-kserve-prefill")]
+    engine = main_container(prefill["spec"]["template"]["spec"])
+    assert engine["args"][engine["args"].index("--port") + 1] == "8000"
+
+
 def test_pd_prefill_workload():
     prefill = by_key(render("pd"))[("Deployment", "llama-pd-kserve-prefill")]
     assert prefill["metadata"]["labels"]["app.kubernetes.io/component"] == \

@@ -90,7 +90,10 @@ def _scheduler_pod_spec(ctx: ServiceContext) -> dict:
         "name": "main",
         "image": ctx.options.llmisvc_image,
         "command": ["llmisvc", "gateway"],
-        "args": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--admin-token-file", TOKEN_FILE],
+        "args": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT), "--admin-token-file", TOKEN_FILE]
+        # With a prefill pool the decode pods' sidecars run the two legs; the gateway only
+        # picks both endpoints and names the prefill one in x-prefiller-host-port.
+        + (["--pd-legs", "sidecar"] if ctx.spec.get("prefill") is not None else []),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "volumeMounts": [{**token_mount, "readOnly": True}],
         "readinessProbe": {"tcpSocket": {"port": GATEWAY_PORT}, "periodSeconds": 5},

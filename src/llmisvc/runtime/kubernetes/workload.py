@@ -107,6 +107,12 @@ def _sidecar(ctx: ServiceContext) -> dict:
     }
 
 
+def _add_sidecar(ctx: ServiceContext, pod_spec: dict) -> None:
+    """Put the routing sidecar into a decode pod spec, with the service account its RBAC binds."""
+    pod_spec["initContainers"] = _merge_by_name(pod_spec.get("initContainers") or [], [_sidecar(ctx)])
+    pod_spec["serviceAccountName"] = ctx.names.main
+
+
 def _template_meta(ctx: ServiceContext, labels: dict, spec_part: dict) -> dict:
     """Return pod template metadata: selector labels plus the spec's labels and annotations."""
     meta: dict = {"labels": {**(ctx.spec.get("labels") or {}), **(spec_part.get("labels") or {}),
@@ -152,7 +158,12 @@ def _leader_worker_set(ctx: ServiceContext, name: str, role: str, spec_part: dic
     worker_labels = n.workload_labels(ctx.name, worker_component, role)
     parallelism = spec_part.get("parallelism") or {}
 
-    leader_spec = _pod_spec(ctx, spec_part.get("template"), role, WORKLOAD_PORT, parallelism)
+    # A decode leader serves through the routing sidecar, like a single-pod decode workload.
+    behind_sidecar = role == "decode"
+    leader_port = ENGINE_PORT_BEHIND_SIDECAR if behind_sidecar else WORKLOAD_PORT
+    leader_spec = _pod_spec(ctx, spec_part.get("template"), role, leader_port, parallelism)
+    if behind_sidecar:
+        _add_sidecar(ctx, leader_spec)
     worker_spec = _pod_spec(ctx, spec_part.get("worker"), role, WORKLOAD_PORT, parallelism)
     # NOTE: workers join the leader's engine through its data-parallel RPC port. The flags
     # that make a vLLM worker headless must come from the worker template's own args.
@@ -271,6 +282,8 @@ def main_workload(ctx: ServiceContext) -> list[dict]:
     replicas = spec.get("replicas", 1)
     objects: list[dict] = []
 
+    if split:
+        objects += _sidecar_rbac(ctx)
     if spec.get("worker") is not None:
         workload = _leader_worker_set(ctx, ctx.names.multi_node, role, spec, replicas, prefill=False)
         selector = n.workload_labels(ctx.name, n.LEADER_COMPONENT, role)
@@ -279,11 +292,7 @@ def main_workload(ctx: ServiceContext) -> list[dict]:
         port = ENGINE_PORT_BEHIND_SIDECAR if split else WORKLOAD_PORT
         pod_spec = _pod_spec(ctx, spec.get("template"), role, port, spec.get("parallelism") or {})
         if split:
-            pod_spec["initContainers"] = _merge_by_name(
-                pod_spec.get("initContainers") or [], [_sidecar(ctx)]
-            )
-            pod_spec["serviceAccountName"] = ctx.names.main
-            objects += _sidecar_rbac(ctx)
+            _add_sidecar(ctx, pod_spec)
         workload = _deployment(ctx, ctx.names.main, labels, replicas, pod_spec, spec)
         selector = labels
 
