@@ -127,7 +127,9 @@ def _wait_ready(gateway, service: str) -> None:
             json={"model": MODEL, "prompt": "warm", "max_tokens": 1},
             timeout=30,
         )
-        if response.status_code != 503 or service == "noprefill":
+        # 429 also means "not yet": the scheduler filters out endpoints whose first health
+        # probe or metrics scrape failed until the next one passes.
+        if response.status_code == 200 or service == "noprefill":
             return
         time.sleep(0.3)
 
