@@ -24,6 +24,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """Return the first of `count` consecutive TCP ports that were free a moment ago.
+
+    For processes that take one port per replica from a base port (`sim --replicas N`
+    and its KV-event endpoints). Each port is probed on the wildcard address, because a
+    ZMQ publisher binds `tcp://*:PORT`, which fails when a socket on any address is already bound to the port.
+    """
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        probes = []
+        try:
+            for offset in range(count):
+                probe = socket.socket()
+                probe.bind(("", first + offset))
+                probes.append(probe)
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError(f"no run of {count} free consecutive ports found in 100 tries")
+
+
 def wait_http(url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
     """Poll `url` until it answers 200; raise if `process` exits or `timeout` seconds pass."""
     deadline = time.monotonic() + timeout
