@@ -29,7 +29,8 @@ def free_port_run(count: int) -> int:
 
     For processes that take one port per replica from a base port (`sim --replicas N`
     and its KV-event endpoints). Each port is probed on the wildcard address, because a
-    ZMQ publisher binds `tcp://*:PORT`, which fails when a socket on any address is already bound to the port.
+    ZMQ publisher binds `tcp://*:PORT`, which fails when a socket on any address is
+    already bound to that port.
     """
     for _ in range(100):
         first = free_port()
