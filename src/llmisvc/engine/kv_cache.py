@@ -70,7 +70,10 @@ class KVCache:
         self.num_blocks = num_blocks
         self.dtype = dtype
         self.device = device
-        self.pool = torch.zeros(
+        # Uninitialised on purpose: a block is written before it is ever read (stored when
+        # full, or imported), and on CPU untouched pages stay out of resident memory, so an
+        # engine only pays for the blocks it has used.
+        self.pool = torch.empty(
             (num_blocks, layout.num_layers, 2, block_size, layout.num_kv_heads, layout.head_dim),
             dtype=dtype,
             device=device,
