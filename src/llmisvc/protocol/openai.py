@@ -614,6 +614,28 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
     return body
 
 
+def _response(
+    object_name: str,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_body: dict[str, Any],
+    kv_transfer_params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    body = {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_body,
+    }
+    if kv_transfer_params is not None:
+        body["kv_transfer_params"] = kv_transfer_params
+    return body
+
+
 def completion_choice(
     index: int,
     text: str,
@@ -640,17 +662,7 @@ def completion_response(
     kv_transfer_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a non-streamed `/v1/completions` response."""
-    body = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_body,
-    }
-    if kv_transfer_params is not None:
-        body["kv_transfer_params"] = kv_transfer_params
-    return body
+    return _response("text_completion", request_id, created, model, choices, usage_body, kv_transfer_params)
 
 
 def completion_chunk(
@@ -699,17 +711,7 @@ def chat_response(
     kv_transfer_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build a non-streamed `/v1/chat/completions` response."""
-    body = {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_body,
-    }
-    if kv_transfer_params is not None:
-        body["kv_transfer_params"] = kv_transfer_params
-    return body
+    return _response("chat.completion", request_id, created, model, choices, usage_body, kv_transfer_params)
 
 
 def chat_chunk_choice(
