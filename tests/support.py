@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,14 +29,14 @@ def free_port_run(count: int) -> int:
     """Return the first of `count` consecutive TCP ports that were free a moment ago.
 
     For processes that take one port per replica from a base port (`sim --replicas N`
-    and its KV-event endpoints). Each port is probed on the wildcard address, because a
-    ZMQ publisher binds `tcp://*:PORT`, which fails when a socket on any address is
-    already bound to that port.
+    and its KV-event endpoints). The run lies below the kernel's ephemeral range, because
+    since Linux 4.6 outgoing connections take the even ports there and bind(0) the odd
+    ones, so the port after a free_port() result is often a client socket's local port. Each
+    port is probed on the wildcard address, because a ZMQ publisher binds `tcp://*:PORT`.
     """
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(100):
-        first = free_port()
-        if first + count > 65535:
-            continue
+        first = random.randrange(min(10000, ephemeral_low // 2), ephemeral_low - count)
         probes = []
         try:
             for offset in range(count):
