@@ -274,3 +274,33 @@ def test_invalid_scheduler_config_rejected():
     }
     issues = issues_of(spec(**{"spec.router.scheduler": {"config": {"inline": config}}}))
     assert "unknown plugin type 'no-such-scorer'" in issues["spec.router.scheduler.config.inline"]
+
+
+def test_resources_beyond_machine_rejected():
+    machine = Machine(cpu_count=2, gpu_ids=(), vllm_installed=False, memory_bytes=8 * 2**30)
+    resources = {"requests": {"cpu": "500"}, "limits": {"memory": "900Ti"}}
+    issues = issues_of(spec(**{"spec.template": {"containers": main_container(resources=resources)}}), machine)
+    assert "spec.template.containers[main].resources.requests.cpu" in issues
+    assert "500" in issues["spec.template.containers[main].resources.requests.cpu"]
+    assert "spec.template.containers[main].resources.limits.memory" in issues
+
+
+def test_kv_cache_sized_from_memory_limit():
+    machine = Machine(cpu_count=2, gpu_ids=(), vllm_installed=False, memory_bytes=8 * 2**30)
+    limited = spec(**{"spec.template": {"containers": main_container(resources={"limits": {"memory": "2Gi"}})}})
+    args = plan_of(limited, machine).workloads[0].engine_args
+    assert args[args.index("--kv-cache-memory") + 1] == str(int(2 * 2**30 * 0.4))
+
+
+def test_kv_cache_split_among_replicas():
+    machine = Machine(cpu_count=2, gpu_ids=(), vllm_installed=False, memory_bytes=8 * 2**30)
+    args = plan_of(spec(**{"spec.replicas": 3}), machine).workloads[0].engine_args
+    assert args[args.index("--kv-cache-memory") + 1] == str(int(8 * 2**30 * 0.15 / 3))
+
+
+def test_kv_cache_flag_from_user_args_kept():
+    machine = Machine(cpu_count=2, gpu_ids=(), vllm_installed=False, memory_bytes=8 * 2**30)
+    document = spec(**{"spec.template": {"containers": main_container(args=["--kv-cache-memory", "1GiB"])}})
+    args = plan_of(document, machine).workloads[0].engine_args
+    assert args.count("--kv-cache-memory") == 1
+    assert args[-2:] == ["--kv-cache-memory", "1GiB"]

@@ -20,6 +20,7 @@ class Machine:
     cpu_count: int
     gpu_ids: tuple[int, ...]
     vllm_installed: bool
+    memory_bytes: int | None = None  # physical memory; None when unknown
 
     @property
     def gpu_count(self) -> int:
@@ -43,4 +44,13 @@ class Machine:
             # NOTE: UUID-style CUDA_VISIBLE_DEVICES entries are passed through unchanged by
             # keeping every device; mapping UUIDs to indices needs NVML.
         vllm_installed = importlib.util.find_spec("vllm") is not None
-        return cls(cpu_count=max(1, cpu_count), gpu_ids=gpu_ids, vllm_installed=vllm_installed)
+        try:
+            memory_bytes: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            memory_bytes = None
+        return cls(
+            cpu_count=max(1, cpu_count),
+            gpu_ids=gpu_ids,
+            vllm_installed=vllm_installed,
+            memory_bytes=memory_bytes,
+        )

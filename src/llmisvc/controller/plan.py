@@ -55,6 +55,11 @@ KV_TRANSFER_CONFIG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 DEFAULT_GRACE_PERIOD_S = 30.0
 
 
+# KV-cache sizing for built-in engine replicas (see _kv_cache_budget).
+KV_SHARE_OF_LIMIT = 0.4
+KV_SHARE_OF_MACHINE = 0.15
+KV_DEFAULT_CAP_BYTES = 4 << 30
+
 @dataclass
 class Workload:
     """A set of identical replicas: the main (decode) pool or the prefill pool.
@@ -325,6 +330,7 @@ def _plan_workload(
         )
 
     cpu_limit = _cpu_limit(container, f"{container_path}.resources", issues)
+    _check_machine_fits(container, f"{container_path}.resources", machine, issues)
     # Threads beyond the CPU limit would only contend, so a fraction rounds down (minimum 1).
     # Without a limit the machine's cores are shared evenly by the service's replicas.
     threads: int | None = max(1, math.floor(cpu_limit)) if cpu_limit is not None else max(1, machine.cpu_count // max(1, total_replicas))
@@ -350,7 +356,9 @@ def _plan_workload(
             )
         probes[field_name] = probe
 
-    engine_args = ["--model", model_uri, "--served-model-name", resolved.model_name] + parallel_args + user_args
+    kv_budget = _kv_cache_budget(engine, user_args, memory_limit, machine, total_replicas)
+    kv_args = ["--kv-cache-memory", str(kv_budget)] if kv_budget is not None else []
+    engine_args = ["--model", model_uri, "--served-model-name", resolved.model_name] + parallel_args + kv_args + user_args
     if role in ("prefill", "decode") and not any(arg.split("=", 1)[0] == "--kv-transfer-config" for arg in user_args):
         engine_args += ["--kv-transfer-config", json.dumps(KV_TRANSFER_CONFIG)]
     if any(arg.split("=", 1)[0] == "--threads" for arg in user_args) or engine == "vllm":
@@ -427,6 +435,46 @@ def _gpus_per_replica(container: dict, path: str, issues: list[PlanIssue]) -> in
     if count != int(count):
         issues.append(PlanIssue(f"{path}.limits[{GPU_RESOURCE}]", f"must be a whole number of devices, got {value}"))
     return int(count)
+
+
+def _check_machine_fits(container: dict, path: str, machine: Machine, issues: list[PlanIssue]) -> None:
+    """Reject CPU or memory requests and limits that one replica could never get on this machine."""
+    resources = container.get("resources") or {}
+    for kind in ("requests", "limits"):
+        values = resources.get(kind) or {}
+        for name, available, unit in (("cpu", machine.cpu_count, "CPUs"), ("memory", machine.memory_bytes, "bytes")):
+            if values.get(name) is None or available is None:
+                continue
+            try:
+                wanted = parse_quantity(values[name])
+            except QuantityError:
+                continue  # reported by the limit parsers
+            if wanted > available:
+                issues.append(
+                    PlanIssue(
+                        f"{path}.{kind}.{name}",
+                        f"{values[name]} exceeds this machine's {available} {unit}; lower it or run on Kubernetes",
+                    )
+                )
+
+
+def _kv_cache_budget(
+    engine: str, user_args: list[str], memory_limit: int | None, machine: Machine, total_replicas: int
+) -> int | None:
+    """Return the built-in engine's KV-cache budget in bytes, or None to leave sizing to the args.
+
+    The engine alone only sees the machine's RAM, so several replicas would each claim the
+    same share. With a memory limit the pool gets KV_SHARE_OF_LIMIT of it, leaving room for
+    weights and activations; without one, the service's replicas split KV_SHARE_OF_MACHINE
+    of physical memory.
+    """
+    if engine != "builtin" or machine.memory_bytes is None and memory_limit is None:
+        return None
+    if any(arg.split("=", 1)[0] in ("--kv-cache-memory", "--num-gpu-blocks-override") for arg in user_args):
+        return None
+    if memory_limit is not None:
+        return int(memory_limit * KV_SHARE_OF_LIMIT)
+    return int(min(machine.memory_bytes * KV_SHARE_OF_MACHINE / max(1, total_replicas), KV_DEFAULT_CAP_BYTES))
 
 
 def _cpu_limit(container: dict, path: str, issues: list[PlanIssue]) -> float | None:
