@@ -15,6 +15,7 @@ from support import REPO, free_port, pids_with_env, run_cli
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.timeout(960)
 def test_quickstart_prints_answer(tmp_path):
     home = tmp_path / "home"
     env = {"LLMISVC_HOME": str(home), "LLMISVC_GATEWAY_PORT": str(free_port())}

@@ -12,7 +12,7 @@ import pytest
 import requests
 import zmq
 
-from support import free_port, start, stop, wait_http
+from support import free_port, free_port_run, start, stop, wait_http
 
 pytestmark = pytest.mark.e2e
 
@@ -28,16 +28,8 @@ def _start_sim(tmp_path, name, *flags):
 def sims(tmp_path_factory):
     """Two replicas in one process (ports P and P+1) publishing KV events, fast latency."""
     tmp = tmp_path_factory.mktemp("sim")
-    port = free_port()
-    while True:
-        second = port + 1
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", second))
-                break
-            except OSError:
-                port = free_port()
-    events_port = free_port()
+    port = free_port_run(2)
+    events_port = free_port_run(2)
     events = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"})
     process = start(
         ["sim", "--port", str(port), "--replicas", "2", "--served-model-name", "sim", "--max-num-seqs", "2",
@@ -46,8 +38,8 @@ def sims(tmp_path_factory):
         tmp / "sims.log",
     )
     wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
-    wait_http(f"http://127.0.0.1:{second}/health", timeout=60, process=process)
-    yield port, second, events_port
+    wait_http(f"http://127.0.0.1:{port + 1}/health", timeout=60, process=process)
+    yield port, port + 1, events_port
     stop(process)
 
 
