@@ -26,9 +26,11 @@ def sim(tmp_path_factory):
         ["sim", "--port", str(port), "--served-model-name", "sim", "--itl-ms", "1", "--ttft-overhead-ms", "1", "--prefill-ms-per-token", "0.01"],
         tmp_path_factory.mktemp("bench") / "sim.log",
     )
-    wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
-    yield f"http://127.0.0.1:{port}"
-    stop(process)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
 
 
 def bench(tmp_path, base_url, *flags):

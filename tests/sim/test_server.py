@@ -37,10 +37,12 @@ def sims(tmp_path_factory):
          "--seed", "7"],
         tmp / "sims.log",
     )
-    wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
-    wait_http(f"http://127.0.0.1:{port + 1}/health", timeout=60, process=process)
-    yield port, port + 1, events_port
-    stop(process)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=60, process=process)
+        wait_http(f"http://127.0.0.1:{port + 1}/health", timeout=60, process=process)
+        yield port, port + 1, events_port
+    finally:
+        stop(process)
 
 
 def _client(port):
