@@ -636,6 +636,26 @@ def _response(
     return body
 
 
+def _chunk(
+    object_name: str,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_body: dict[str, Any] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage_body is not None:
+        body["usage"] = usage_body
+    return body
+
+
 def completion_choice(
     index: int,
     text: str,
@@ -673,16 +693,7 @@ def completion_chunk(
     usage_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build one streamed completion chunk; an empty `choices` with `usage` is the final usage chunk."""
-    body: dict[str, Any] = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_body is not None:
-        body["usage"] = usage_body
-    return body
+    return _chunk("text_completion", request_id, created, model, choices, usage_body)
 
 
 def chat_choice(
@@ -739,16 +750,7 @@ def chat_chunk(
     usage_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build one streamed chat chunk; an empty `choices` with `usage` is the final usage chunk."""
-    body: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_body is not None:
-        body["usage"] = usage_body
-    return body
+    return _chunk("chat.completion.chunk", request_id, created, model, choices, usage_body)
 
 
 def completion_logprobs(
