@@ -11,7 +11,8 @@ or TCP transport). The flow, with vLLM NixlConnector's `kv_transfer_params` fiel
   the connector cannot stage the blocks: the core frees them at once and the response has
   no `kv_transfer_params`, so the decode side recomputes. Otherwise the connector later calls
   the `release_held(request_id)` callback it was built with (from any thread) when the
-  decode side has read the blocks or the lease expired; the core makes that idempotent.
+  decode side has read the blocks or the lease expired. The core makes that callback
+  idempotent.
 - Decode side: a request with `do_remote_prefill` gets blocks for its whole prompt (local
   prefix-cache hits reused), waits while `await pull(params, block_ids, first_uncached_block)`
   fills `block_ids[first_uncached_block:]`, then computes only the last prompt token. When

@@ -66,7 +66,7 @@ from llmisvc.protocol.kv_transfer import SIDE_CHANNEL_FRAME_HEADER, KVTransferPa
 logger = logging.getLogger(__name__)
 
 _FRAME_HEADER = struct.Struct(SIDE_CHANNEL_FRAME_HEADER)
-# Side-channel messages are small maps; a larger frame means a peer that does not speak
+# Side-channel messages are small maps. A larger frame means a peer that does not speak
 # this protocol, so the connection is dropped instead of allocating the claimed size.
 _MAX_FRAME_BYTES = 16 * 1024 * 1024
 _DEFAULT_LEASE_SECONDS = 30.0
@@ -113,9 +113,10 @@ class TransferConfig:
 
     - `transport`: `auto` (shared memory for peers on this host, else NIXL when importable,
       else TCP), `nixl` or `tcp`.
-    - `side_channel_host` / `side_channel_port`: where the side channel listens; defaults
-      from `VLLM_NIXL_SIDE_CHANNEL_HOST` / `VLLM_NIXL_SIDE_CHANNEL_PORT`, else 127.0.0.1 and
-      an ephemeral port (0), so several engines on one machine never collide.
+    - `side_channel_host` / `side_channel_port`: where the side channel listens. Defaults
+      come from `VLLM_NIXL_SIDE_CHANNEL_HOST` / `VLLM_NIXL_SIDE_CHANNEL_PORT`, else 127.0.0.1
+      and an ephemeral port (0), so engines on one machine that leave the port unset do not
+      collide.
     - `lease_seconds`: how long the prefill side holds blocks nobody read (default 30).
     - `transfer_timeout_seconds`: how long a pull waits for the prefill side (default 30).
     """
@@ -663,8 +664,8 @@ class NixlConnector:
             remote_port=self.port,
             tp_size=1,
         )
-        # The decode engine names the held request by this id in its side-channel calls;
-        # engines derive internal ids from x-request-id, so the two legs' ids may differ.
+        # The decode engine names the held request by this id in its side-channel calls,
+        # because engines derive internal ids from x-request-id and the two legs' ids may differ.
         params.extra["remote_request_id"] = request_id
         return params.to_json()
 
@@ -711,8 +712,8 @@ class NixlConnector:
             held = self._held.get(request_id)
             if held is None:
                 raise KVTransferError("not_held", f"request {request_id} has no held blocks (lease expired or already freed)")
-            # A reader is about to copy these slots, so the lease must not free (and a new
-            # hold reuse) them mid-copy; the reader's free notification ends the hold.
+            # A reader is about to copy these slots, so the lease must not free them mid-copy
+            # (a new hold could reuse them). The reader's free notification ends the hold.
             held.deadline = max(held.deadline, time.monotonic() + self.config.transfer_timeout_seconds)
             try:
                 return [held.slot_of_block[block_id] for block_id in block_ids]

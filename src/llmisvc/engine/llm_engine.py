@@ -4,6 +4,8 @@ The asyncio server talks to the core only through thread-safe calls: `generate()
 requests and yields their outputs, `abort()` and `release_held()` may be called from any
 thread. Everything else (scheduler, block pool, runner, sampler) is touched only by the
 engine thread, so a step never blocks the event loop and no locks guard the core's state.
+Two exceptions: `stats()` reads queue sizes and KV usage without a lock, and a KV pull
+writes its own waiting request's rows of the runner's KV pool from an executor thread.
 Commands reach the thread through an inbox that it drains before every step, which bounds
 an abort's effect (blocks freed) to within one step.
 """
@@ -330,7 +332,7 @@ class LLMEngine:
         for prompt_index, request in enumerate(submission.requests):
             self._submissions[request.request_id] = submission
             # NOTE: the n choices of a prompt are admitted together, so each computes the prompt
-            # itself; only later requests reuse those blocks through the prefix cache.
+            # itself. Only later requests reuse those blocks through the prefix cache.
             for index in range(request.options.n):
                 seq = Sequence(request, index, self.block_size, self.config.prefix_caching_hash_seed)
                 submission.seqs.append(seq)

@@ -6,9 +6,11 @@ The gateway (local mode) and the decode-side sidecar (Kubernetes) both use this 
    through a caller-supplied `PrefillSender` and returns a `PrefillOutcome`:
    - `outcome.response` set: a prefill 4xx, returned to the client as it came;
    - otherwise `outcome.decode_body` is the decode leg's body: the original request plus the
-     prefill's `kv_transfer_params`, or the original request alone when the prefill leg
-     failed (5xx, timeout, refused connection: decode-only fallback, logged and counted) or
-     returned no `kv_transfer_params` (the decode engine recomputes the prompt).
+     prefill's `kv_transfer_params`.
+   - When the prefill leg failed (5xx, timeout, refused connection), the decode body is the
+     original request alone. This decode-only fallback is logged and counted. The same body
+     is sent when the prefill leg returned no `kv_transfer_params`, and the decode engine
+     then recomputes the prompt.
 2. The caller sends `decode_body` to the decode endpoint and relays the response. When the
    prefill engine reported cache hits, `outcome.usage_rewriter()` returns a filter that sets
    `usage.prompt_tokens_details.cached_tokens` of the decode response to the prefill replica's
@@ -182,8 +184,10 @@ class PDOrchestrator:
 
         `request` is the client's parsed body, `path` the OpenAI path (`/v1/completions` or
         `/v1/chat/completions`), `headers` extra headers for the leg (for example an engine
-        API key). Never raises for upstream failures: they become a decode-only outcome.
-        Cancellation of the calling task cancels the leg.
+        API key). A failed leg becomes a decode-only outcome when `send` raises
+        PrefillLegFailed, OSError or asyncio.TimeoutError, or the endpoint returns a non-2xx,
+        non-4xx status or a body that is not a JSON object. Other exceptions from `send`
+        propagate. Cancellation of the calling task cancels the leg.
         """
         self.metrics.decisions.labels(model=model, decision="prefill_decode").inc()
         leg_headers = [(REQUEST_ID, request_id), ("content-type", "application/json")]
@@ -304,7 +308,7 @@ class UsageRewriter:
     """Set `usage.prompt_tokens_details.cached_tokens` in a decode response to the prefill's count.
 
     For SSE, `feed(chunk)` returns the bytes to relay now and `flush()` the rest at the end.
-    Complete events without a `"usage"` key are returned byte for byte; an unfinished event
+    Complete events without a `"usage"` key are returned byte for byte. An unfinished event
     at the end of a chunk is held back until its boundary arrives, so a usage event split
     across chunks is still found. `rewrite_json(body)` does the same for a whole JSON body.
     """

@@ -1,7 +1,7 @@
 """`kv_transfer_params` as vLLM's NixlConnector spells them.
 
-The prefill leg sends {"do_remote_decode": true}; a prefill engine that stopped on the
-length cap answers with the remote_* fields below; the decode leg sends those back.
+The prefill leg sends {"do_remote_decode": true}. A prefill engine that stopped on the
+length cap returns the remote_* fields below, and the decode leg sends those back.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ class KVTransferParams:
 
 
 # The KV side channel (served by each engine on `remote_port`) carries frames of a 4-byte
-# big-endian payload length followed by a msgpack map. Engines speak it to each other; the
-# gateway and the sidecar only send `{"op": "free", "request_id": ...}` to release a prefill
-# engine's held blocks early when a request ends between its two legs.
+# big-endian payload length followed by a msgpack map. Engines use it with each other. The
+# gateway and the sidecar only send `{"op": "free", "request_id": ...}`, which releases a
+# prefill engine's held blocks early when a request ends between its two legs.
 SIDE_CHANNEL_FRAME_HEADER = ">I"
 
 
