@@ -6,13 +6,13 @@ Order of checks, each with its status (the gateway's status-code table):
 3. a `Sheddable` request while the scheduler reports saturation → 429 `saturated`;
 4. admission: queue full → 429 `queue-full` (or `displaced`), queue wait past its timeout → 503;
 5. the scheduler's pick: every candidate filtered out → 429, no ready endpoint → 503;
-6. prefill/decode: with `pd_legs="gateway"` the prefill leg via `pd.PDOrchestrator` (a
-   prefill 4xx goes to the client as it came; a prefill failure falls back to decode-only);
-   with `pd_legs="sidecar"` (Kubernetes) no leg runs here: the request goes to the decode
-   endpoint (its sidecar) with `x-prefiller-host-port` naming the chosen prefill endpoint,
-   and without that header when the scheduler kept the request on decode;
+6. prefill/decode: with `pd_legs="gateway"` the prefill leg runs via `pd.PDOrchestrator`.
+   A prefill 4xx goes to the client as it came, and a prefill failure falls back to
+   decode-only. With `pd_legs="sidecar"` (Kubernetes) no leg runs here. The request goes to
+   the decode endpoint (its sidecar) with `x-prefiller-host-port` naming the chosen prefill
+   endpoint, or without that header when the scheduler kept the request on decode;
 7. attempts: a connect failure, a connection closed before any response byte, or a 5xx head
-   moves to another endpoint (`--attempts` in total); nothing is retried once a byte reached
+   moves to another endpoint (`--attempts` in total). Nothing is retried once a byte reached
    the client. All attempts failing → 502; an upstream timeout → 504.
 
 In-flight counts (service, endpoint, datastore, gauges) and the admission slot are released

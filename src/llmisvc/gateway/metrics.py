@@ -36,9 +36,9 @@ class LoopHistogram:
     """A labelled Prometheus histogram for code that runs on one event loop thread.
 
     prometheus_client's Histogram takes a lock and walks its buckets in Python on every
-    observation; relayed streams observe once per token, so this one keeps plain counters
-    per label set, finds the bucket with `bisect`, and builds the cumulative exposition only
-    when /metrics is scraped. It is not thread-safe.
+    observation, and relayed streams observe once per token. So this class keeps plain
+    counters per label set, finds the bucket with `bisect`, and builds the cumulative
+    exposition only when /metrics is scraped. It is not thread-safe.
     """
 
     def __init__(self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...], registry: CollectorRegistry):
@@ -98,6 +98,8 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+
+        # Latency and request counts.
         self.requests = Counter("llmisvc_gateway_requests", "Finished requests by status code", ["model", "code"], registry=r)
         self.ttft = LoopHistogram(
             "llmisvc_gateway_time_to_first_token_seconds",
@@ -120,6 +122,8 @@ class GatewayMetrics:
             _E2E_BUCKETS,
             r,
         )
+
+        # Admission, retries and upstream failures.
         self.in_flight = Gauge("llmisvc_gateway_requests_in_flight", "Requests admitted and not finished", ["model"], registry=r)
         self.queued = Gauge("llmisvc_gateway_requests_queued", "Requests waiting for admission", ["model"], registry=r)
         self.retries = Counter("llmisvc_gateway_retries", "Requests sent to another endpoint after a failure", ["model"], registry=r)
@@ -129,11 +133,14 @@ class GatewayMetrics:
         self.upstream_errors = Counter(
             "llmisvc_gateway_upstream_errors", "Failed upstream calls by endpoint and kind", ["model", "endpoint", "kind"], registry=r
         )
+
+        # Token usage and endpoint picks.
         self.prompt_tokens = Counter("llmisvc_gateway_prompt_tokens", "Prompt tokens reported in usage", ["model"], registry=r)
         self.generation_tokens = Counter(
             "llmisvc_gateway_generation_tokens", "Completion tokens reported in usage", ["model"], registry=r
         )
         self.picks = Counter("llmisvc_gateway_endpoint_picks", "Requests sent to each endpoint", ["model", "endpoint"], registry=r)
+
         self._models: dict[str, ModelMetrics] = {}
 
     def model(self, name: str) -> "ModelMetrics":

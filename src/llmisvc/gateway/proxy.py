@@ -77,10 +77,10 @@ def build_request_head(
 ) -> bytes:
     """Return the upstream request head (request line and headers, ending in a blank line).
 
-    `path` is the engine path (the service prefix removed); `authorization` is the full
+    `path` is the engine path (the service prefix removed). `authorization` is the full
     `Authorization` value to send, or None to send none. `added` are headers the gateway
-    itself sets (for example `x-prefiller-host-port` in sidecar mode); they are sent after
-    the client's, whose copies of routing headers are always dropped.
+    itself sets (for example `x-prefiller-host-port` in sidecar mode). They are sent after
+    the client's headers, and the client's copies of routing headers are always dropped.
     """
     target = path if not request.query else f"{path}?{request.query.decode('latin-1')}"
     parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method, target.encode("latin-1"), address.encode())]

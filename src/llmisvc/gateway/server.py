@@ -239,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._rejecting:
-            # The 413 was written when the limit was crossed; the rest of the body has been
+            # The 413 was written when the limit was crossed. The rest of the body has been
             # read and dropped so the client reads the 413 instead of a connection reset.
             self.closed = True
             self.transport.close()
@@ -400,7 +400,7 @@ class ClientConnection(asyncio.Protocol):
         self._response_keep_alive = False
 
     def abort(self) -> None:
-        """Close the connection at once, so the client sees a truncated response."""
+        """Close the connection at once, so the client receives a truncated response."""
         if not self.closed:
             self.closed = True
             self.transport.abort()

@@ -10,9 +10,9 @@ A service entry (the admin API's JSON and the `--config` file's items) is:
 
 The last three are optional and default to the gateway's command-line values.
 
-Shapes `scheduler` and `pd` pick through `llmisvc.scheduler` (the service's own Datastore,
-scraped with the engine API key, and a Scheduler built from `scheduler_config`, None giving
-the shape's default profile); `no-scheduler` uses the gateway's round robin.
+Shapes `scheduler` and `pd` pick through `llmisvc.scheduler`. Each such service has its own
+Datastore, scraped with the engine API key, and a Scheduler built from `scheduler_config`
+(None gives the shape's default profile). Shape `no-scheduler` uses the gateway's round robin.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ class Limits:
 class Endpoint:
     """One engine replica in the gateway's view.
 
-    `ready` comes from the controller; `healthy` is the gateway's own view (cleared when a
-    connection fails or a stream dies, set again by a passing health probe or when the
-    controller turns the endpoint from not ready to ready); `draining`
-    marks an endpoint removed from its service that still has requests in flight.
+    `ready` comes from the controller. `healthy` is the gateway's own view: it is cleared when a
+    connection fails or a stream dies, and set again by a passing health probe or when the
+    controller turns the endpoint from not ready to ready. `draining` marks an endpoint
+    removed from its service that still has requests in flight.
     """
 
     __slots__ = ("address", "role", "labels", "ready", "healthy", "draining", "in_flight", "pool")
@@ -387,6 +387,7 @@ def _validate_entry(entry: Any) -> dict[str, Any]:
     for key in entry:
         if key not in known:
             raise BadRequestError(f"{key}: unknown field; known fields are {', '.join(sorted(known))}", param=key)
+
     model = entry.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequestError("model: must be a non-empty string", param="model")
@@ -400,6 +401,7 @@ def _validate_entry(entry: Any) -> dict[str, Any]:
     key = entry.get("engine_api_key")
     if key is not None and (not isinstance(key, str) or not key):
         raise BadRequestError("engine_api_key: must be a non-empty string or null", param="engine_api_key")
+
     spec: dict[str, Any] = {
         "model": model,
         "shape": shape,
@@ -408,6 +410,7 @@ def _validate_entry(entry: Any) -> dict[str, Any]:
         "engine_api_key": key,
         "endpoints": _validate_endpoints(entry.get("endpoints", [])),
     }
+
     for field, kind in (("max_concurrency", int), ("max_queue", int), ("queue_timeout", (int, float))):
         if field in entry:
             value = entry[field]

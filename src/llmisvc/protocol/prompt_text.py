@@ -2,8 +2,8 @@
 
 The scheduler hashes the text an engine will really process, so a chat request and the
 equivalent completions request must render to the same string on both sides. With the
-model's chat template the text is the template's output (rendered in a jinja2 sandbox);
-without one, both sides use `render_chat_fallback`, a fixed role-tagged layout.
+model's chat template the text is the template's output, rendered in a jinja2 sandbox.
+Without one, both sides use `render_chat_fallback`, a fixed role-tagged layout.
 
 `sim_token_ids` is the simulated engine's tokenizer: one token per 4 characters, the id
 derived from the characters, so equal text prefixes give equal token prefixes and equal

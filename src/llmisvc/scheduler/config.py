@@ -51,7 +51,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # Default for a service with `prefill:` and no `scheduler.config`: a prefill and a decode
 # profile, each with its role filter and the saturation filter, prefix-cache scorer weight 2,
 # load-aware scorer weight 1 and the max-score picker. Every request is split (threshold 0),
-# which is what declaring a prefill pool asks for; a config with a threshold or a
+# because declaring a prefill pool requests disaggregation. A config with a threshold or a
 # prefix-based-pd-decider keeps short prompts on the decode endpoint.
 DEFAULT_PD_CONFIG: dict[str, Any] = {
     "apiVersion": "llm-d.ai/v1alpha1",
