@@ -19,7 +19,7 @@ from typing import Callable
 
 import requests
 
-from support import free_port, start, stop, wait_http
+from support import free_port, free_port_run, start, stop, wait_http
 
 ADMIN_TOKEN = "gateway-test-admin-token"
 
@@ -86,7 +86,7 @@ class SimProcess:
     """`llmisvc sim` replicas on consecutive ports from `port`."""
 
     def __init__(self, tmp_path: Path, model: str, *extra_args: str, replicas: int = 1):
-        self.port = _free_port_run(replicas)
+        self.port = free_port_run(replicas)
         self.addresses = [f"127.0.0.1:{self.port + i}" for i in range(replicas)]
         self.log_path = tmp_path / f"sim-{self.port}.log"
         self.process = start(
@@ -106,27 +106,6 @@ class SimProcess:
 
     def stop(self) -> None:
         stop(self.process)
-
-
-def _free_port_run(count: int) -> int:
-    """Return the first of `count` consecutive ports that were free a moment ago."""
-    for _ in range(50):
-        first = free_port()
-        if first + count >= 65536:
-            continue
-        sockets = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", first + offset))
-                sockets.append(sock)
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no run of {count} free ports found")
 
 
 def scrape(url: str, name: str, **labels: str) -> float:

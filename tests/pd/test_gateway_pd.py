@@ -7,48 +7,19 @@ Simulators stand in for engines: only the routing and the two legs are under tes
 from __future__ import annotations
 
 import json
-import re
 import time
-import urllib.request
 
 import openai
 import pytest
 import requests
 
+from pd_support import THRESHOLD_CONFIG, metric_sum
 from support import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "pdsim"
 ROLE = "llm-d.ai/role"
-
-
-def _metric(url: str, name: str, labels: str = "") -> float:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(part in line for part in labels.split(",") if part):
-            match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.eE+-]+)$", line)
-            if match:
-                total += float(match.group(2))
-    return total
-
-
-THRESHOLD_CONFIG = {
-    "apiVersion": "llm-d.ai/v1alpha1",
-    "kind": "EndpointPickerConfig",
-    "plugins": [
-        {"type": "pd-profile-handler", "parameters": {"threshold": 200}},
-        {"type": "prefill-filter"},
-        {"type": "decode-filter"},
-        {"type": "prefix-cache-scorer"},
-        {"type": "max-score-picker"},
-    ],
-    "schedulingProfiles": [
-        {"name": "prefill", "plugins": [{"pluginRef": "prefill-filter"}, {"pluginRef": "prefix-cache-scorer", "weight": 2}]},
-        {"name": "decode", "plugins": [{"pluginRef": "decode-filter"}, {"pluginRef": "prefix-cache-scorer", "weight": 2}]},
-    ],
-}
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +107,13 @@ def _wait_ready(gateway, service: str) -> None:
 
 def test_chat_max_completion_tokens_prefill_one_token(gateway):
     _wait_ready(gateway, "always")
-    before = _metric(gateway["prefill"] + "/metrics", "vllm:generation_tokens_total")
+    before = metric_sum(gateway["prefill"] + "/metrics", "vllm:generation_tokens_total")
     reply = _client(gateway, "always").chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "tell me everything you know " * 10}],
         max_completion_tokens=200,
     )
-    assert _metric(gateway["prefill"] + "/metrics", "vllm:generation_tokens_total") - before == 1
+    assert metric_sum(gateway["prefill"] + "/metrics", "vllm:generation_tokens_total") - before == 1
     assert 1 < reply.usage.completion_tokens <= 200
 
 
@@ -151,7 +122,7 @@ def test_stream_chat_sse_with_prefill_cache_hits(gateway):
     client = _client(gateway, "always")
     messages = [{"role": "user", "content": "a long shared system context for caching " * 20}]
     client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
-    fallbacks = _metric(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total")
+    fallbacks = metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total")
     stream = client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=8, stream=True, stream_options={"include_usage": True}
     )
@@ -162,7 +133,7 @@ def test_stream_chat_sse_with_prefill_cache_hits(gateway):
     assert usage[0].completion_tokens == 8
     # The decode simulator caches nothing, so cached tokens can only be the prefill's hits.
     assert usage[0].prompt_tokens_details.cached_tokens > 0
-    assert _metric(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total") == fallbacks
+    assert metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total") == fallbacks
 
 
 def test_always_split_no_prefill_is_503(gateway):
@@ -177,28 +148,28 @@ def test_always_split_no_prefill_is_503(gateway):
 
 def test_threshold_short_prompt_decode_only(gateway):
     _wait_ready(gateway, "threshold")
-    prefill_before = _metric(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total")
+    prefill_before = metric_sum(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total")
     reply = _client(gateway, "threshold").completions.create(model=MODEL, prompt="short prompt", max_tokens=3)
     assert reply.usage.completion_tokens == 3
-    assert _metric(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total") == prefill_before
-    assert _metric(gateway["url"] + "/metrics", "llmisvc_pd_decisions_total", 'decision="decode_only"') >= 1
+    assert metric_sum(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total") == prefill_before
+    assert metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_decisions_total", 'decision="decode_only"') >= 1
 
 
 def test_threshold_long_prompt_splits(gateway):
     _wait_ready(gateway, "threshold")
-    prefill_before = _metric(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total")
+    prefill_before = metric_sum(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total")
     prompt = "an uncached prompt well over two hundred tokens " * 40
     reply = _client(gateway, "threshold").completions.create(model=MODEL, prompt=prompt, max_tokens=3)
     assert reply.usage.completion_tokens == 3
-    assert _metric(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total") > prefill_before
+    assert metric_sum(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total") > prefill_before
 
 
 def test_failing_prefill_falls_back(gateway):
     _wait_ready(gateway, "failing")
-    before = _metric(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total", 'reason="prefill_5xx"')
+    before = metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total", 'reason="prefill_5xx"')
     reply = _client(gateway, "failing").completions.create(model=MODEL, prompt="hello again", max_tokens=4)
     assert reply.usage.completion_tokens == 4
-    assert _metric(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total", 'reason="prefill_5xx"') > before
+    assert metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_fallbacks_total", 'reason="prefill_5xx"') > before
 
 
 def test_client_prefiller_header_stripped(gateway):
@@ -208,8 +179,8 @@ def test_client_prefiller_header_stripped(gateway):
         model=MODEL, prompt="route me somewhere else please", max_tokens=2
     )
     assert reply.usage.completion_tokens == 2
-    assert _metric(gateway["trap"] + "/metrics", "vllm:prompt_tokens_total") == 0
-    assert _metric(gateway["sidecar"] + "/sidecar/metrics", "llmisvc_pd_decisions_total") == 0
+    assert metric_sum(gateway["trap"] + "/metrics", "vllm:prompt_tokens_total") == 0
+    assert metric_sum(gateway["sidecar"] + "/sidecar/metrics", "llmisvc_pd_decisions_total") == 0
 
 
 def test_sidecar_honours_header_directly(gateway):
@@ -219,4 +190,4 @@ def test_sidecar_honours_header_directly(gateway):
         base_url=gateway["sidecar"] + "/v1", api_key="unused", default_headers={"x-prefiller-host-port": trap_host}, max_retries=0
     ).completions.create(model=MODEL, prompt="direct to the sidecar", max_tokens=2)
     assert reply.usage.completion_tokens == 2
-    assert _metric(gateway["trap"] + "/metrics", "vllm:prompt_tokens_total") > 0
+    assert metric_sum(gateway["trap"] + "/metrics", "vllm:prompt_tokens_total") > 0

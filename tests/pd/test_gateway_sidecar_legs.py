@@ -10,48 +10,18 @@ learns its pool from the static `--prefill-pool` option instead of the Kubernete
 from __future__ import annotations
 
 import json
-import re
 import time
-import urllib.request
 
 import openai
 import pytest
 import requests
 
+from pd_support import THRESHOLD_CONFIG, metric_sum
 from support import free_port, start, stop, wait_http
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "legsim"
-
-THRESHOLD_CONFIG = {
-    "apiVersion": "llm-d.ai/v1alpha1",
-    "kind": "EndpointPickerConfig",
-    "plugins": [
-        {"type": "pd-profile-handler", "parameters": {"threshold": 200}},
-        {"type": "prefill-filter"},
-        {"type": "decode-filter"},
-        {"type": "prefix-cache-scorer"},
-        {"type": "max-score-picker"},
-    ],
-    "schedulingProfiles": [
-        {"name": "prefill", "plugins": [{"pluginRef": "prefill-filter"}, {"pluginRef": "prefix-cache-scorer", "weight": 2}]},
-        {"name": "decode", "plugins": [{"pluginRef": "decode-filter"}, {"pluginRef": "prefix-cache-scorer", "weight": 2}]},
-    ],
-}
-
-
-def _metric(url: str, name: str, labels: str = "") -> float:
-    """Return the sum of samples of `name` whose line contains every comma-separated part of `labels`."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(part in line for part in labels.split(",") if part):
-            match = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.eE+-]+)$", line)
-            if match:
-                total += float(match.group(2))
-    return total
-
 
 @pytest.fixture(scope="module")
 def legs(tmp_path_factory):
@@ -141,9 +111,9 @@ def _prefill_state(legs) -> dict[str, tuple[float, float]]:
     """Return, per prefill sim, (gateway prefill picks of it, generation tokens it produced)."""
     state = {}
     for name in ("prefill_a", "prefill_b"):
-        picks = _metric(legs["gateway"] + "/metrics", "scheduler_picks_total",
+        picks = metric_sum(legs["gateway"] + "/metrics", "scheduler_picks_total",
                         f'profile="prefill",endpoint="{legs["address"][name]}"')
-        tokens = _metric(legs[name] + "/metrics", "vllm:generation_tokens_total")
+        tokens = metric_sum(legs[name] + "/metrics", "vllm:generation_tokens_total")
         state[name] = (picks, tokens)
     return state
 
@@ -151,9 +121,9 @@ def _prefill_state(legs) -> dict[str, tuple[float, float]]:
 def test_prefill_leg_runs_where_the_gateway_chose(legs):
     sidecar_metrics = legs["sidecar"] + "/sidecar/metrics"
     gateway_metrics = legs["gateway"] + "/metrics"
-    sidecar_splits = _metric(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"')
-    gateway_splits = _metric(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"')
-    transferred = _metric(legs["decode"] + "/metrics", "sim:kv_transfer_tokens_total")
+    sidecar_splits = metric_sum(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"')
+    gateway_splits = metric_sum(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"')
+    transferred = metric_sum(legs["decode"] + "/metrics", "sim:kv_transfer_tokens_total")
     client = _client(legs, "always")
     requests_sent = 6
     before = _prefill_state(legs)
@@ -169,13 +139,13 @@ def test_prefill_leg_runs_where_the_gateway_chose(legs):
     assert sum(picks.values()) == requests_sent
     # Each prefill leg generates exactly one token, on the endpoint the gateway picked.
     assert tokens == picks
-    assert _metric(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"') - gateway_splits == requests_sent
+    assert metric_sum(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"') - gateway_splits == requests_sent
     # The sidecar ran the legs: it counted the splits, and the decode sim pulled KV blocks.
-    assert _metric(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"') - sidecar_splits == requests_sent
-    assert _metric(sidecar_metrics, "llmisvc_pd_fallbacks_total") == 0
-    assert _metric(legs["decode"] + "/metrics", "sim:kv_transfer_tokens_total") > transferred
+    assert metric_sum(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"') - sidecar_splits == requests_sent
+    assert metric_sum(sidecar_metrics, "llmisvc_pd_fallbacks_total") == 0
+    assert metric_sum(legs["decode"] + "/metrics", "sim:kv_transfer_tokens_total") > transferred
     # The gateway ran no leg itself: its own prefill-leg histogram stays empty.
-    assert _metric(gateway_metrics, "llmisvc_pd_prefill_duration_seconds_count") == 0
+    assert metric_sum(gateway_metrics, "llmisvc_pd_prefill_duration_seconds_count") == 0
 
 
 def test_streaming_through_sidecar(legs):
@@ -194,49 +164,49 @@ def test_streaming_through_sidecar(legs):
 
 
 def test_client_prefill_header_is_replaced_by_the_gateway(legs):
-    trap_before = _metric(legs["trap"] + "/metrics", "vllm:prompt_tokens_total")
+    trap_before = metric_sum(legs["trap"] + "/metrics", "vllm:prompt_tokens_total")
     before = _prefill_state(legs)
     reply = _client(legs, "always", {"x-prefiller-host-port": legs["address"]["trap"]}).completions.create(
         model=MODEL, prompt="a request that tries to choose its own prefill host " * 6, max_tokens=3
     )
     assert reply.usage.completion_tokens == 3
-    assert _metric(legs["trap"] + "/metrics", "vllm:prompt_tokens_total") == trap_before
+    assert metric_sum(legs["trap"] + "/metrics", "vllm:prompt_tokens_total") == trap_before
     after = _prefill_state(legs)
     assert sum(after[name][1] - before[name][1] for name in after) == 1
 
 
 def test_client_prefill_header_stripped_on_decode_only(legs):
-    trap_before = _metric(legs["trap"] + "/metrics", "vllm:prompt_tokens_total")
+    trap_before = metric_sum(legs["trap"] + "/metrics", "vllm:prompt_tokens_total")
     reply = _client(legs, "threshold", {"x-prefiller-host-port": legs["address"]["trap"]}).completions.create(
         model=MODEL, prompt="short one", max_tokens=2
     )
     assert reply.usage.completion_tokens == 2
-    assert _metric(legs["trap"] + "/metrics", "vllm:prompt_tokens_total") == trap_before
+    assert metric_sum(legs["trap"] + "/metrics", "vllm:prompt_tokens_total") == trap_before
 
 
 def test_decode_only_reaches_sidecar_without_header(legs):
     sidecar_metrics = legs["sidecar"] + "/sidecar/metrics"
     gateway_metrics = legs["gateway"] + "/metrics"
-    sidecar_splits = _metric(sidecar_metrics, "llmisvc_pd_decisions_total")
-    decode_only = _metric(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="decode_only"')
-    decode_prompts = _metric(legs["decode"] + "/metrics", "vllm:prompt_tokens_total")
-    prefill_prompts = sum(_metric(legs[name] + "/metrics", "vllm:prompt_tokens_total") for name in ("prefill_a", "prefill_b"))
+    sidecar_splits = metric_sum(sidecar_metrics, "llmisvc_pd_decisions_total")
+    decode_only = metric_sum(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="decode_only"')
+    decode_prompts = metric_sum(legs["decode"] + "/metrics", "vllm:prompt_tokens_total")
+    prefill_prompts = sum(metric_sum(legs[name] + "/metrics", "vllm:prompt_tokens_total") for name in ("prefill_a", "prefill_b"))
 
     reply = _client(legs, "threshold").completions.create(model=MODEL, prompt="short prompt", max_tokens=3)
 
     assert reply.usage.completion_tokens == 3
-    assert _metric(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="decode_only"') - decode_only == 1
+    assert metric_sum(gateway_metrics, "llmisvc_pd_decisions_total", 'decision="decode_only"') - decode_only == 1
     # The sidecar saw no x-prefiller-host-port: it ran no legs, and no prefill sim saw the prompt.
-    assert _metric(sidecar_metrics, "llmisvc_pd_decisions_total") == sidecar_splits
-    assert sum(_metric(legs[name] + "/metrics", "vllm:prompt_tokens_total") for name in ("prefill_a", "prefill_b")) == prefill_prompts
+    assert metric_sum(sidecar_metrics, "llmisvc_pd_decisions_total") == sidecar_splits
+    assert sum(metric_sum(legs[name] + "/metrics", "vllm:prompt_tokens_total") for name in ("prefill_a", "prefill_b")) == prefill_prompts
     # The only decode endpoint is the sidecar, so the reply came from the decode sim through it.
-    assert _metric(legs["decode"] + "/metrics", "vllm:prompt_tokens_total") > decode_prompts
+    assert metric_sum(legs["decode"] + "/metrics", "vllm:prompt_tokens_total") > decode_prompts
 
 
 def test_threshold_long_prompt_split(legs):
     sidecar_metrics = legs["sidecar"] + "/sidecar/metrics"
-    splits = _metric(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"')
+    splits = metric_sum(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"')
     prompt = "an uncached prompt well over two hundred tokens for the threshold " * 40
     reply = _client(legs, "threshold").completions.create(model=MODEL, prompt=prompt, max_tokens=3)
     assert reply.usage.completion_tokens == 3
-    assert _metric(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"') - splits == 1
+    assert metric_sum(sidecar_metrics, "llmisvc_pd_decisions_total", 'decision="prefill_decode"') - splits == 1
