@@ -446,10 +446,10 @@ def _check_machine_fits(container: dict, path: str, machine: Machine, issues: li
             if values.get(name) is None or available is None:
                 continue
             try:
-                wanted = parse_quantity(values[name])
+                requested = parse_quantity(values[name])
             except QuantityError:
                 continue  # reported by the limit parsers
-            if wanted > available:
+            if requested > available:
                 issues.append(
                     PlanIssue(
                         f"{path}.{kind}.{name}",
@@ -463,12 +463,12 @@ def _kv_cache_budget(
 ) -> int | None:
     """Return the built-in engine's KV-cache budget in bytes, or None to leave sizing to the args.
 
-    The engine alone only sees the machine's RAM, so several replicas would each claim the
-    same share. With a memory limit the pool gets KV_SHARE_OF_LIMIT of it, leaving room for
-    weights and activations; without one, the service's replicas split KV_SHARE_OF_MACHINE
-    of physical memory.
+    An engine sizes its pool from the machine's RAM alone, so several replicas would each claim the
+    same share. With a memory limit the pool gets KV_SHARE_OF_LIMIT of it, which leaves room for
+    weights and activations. Without one, the service's replicas split KV_SHARE_OF_MACHINE of
+    physical memory equally.
     """
-    if engine != "builtin" or machine.memory_bytes is None and memory_limit is None:
+    if engine != "builtin" or (machine.memory_bytes is None and memory_limit is None):
         return None
     if any(arg.split("=", 1)[0] in ("--kv-cache-memory", "--num-gpu-blocks-override") for arg in user_args):
         return None

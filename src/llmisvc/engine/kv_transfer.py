@@ -425,7 +425,7 @@ class TransferMetrics:
     """Prometheus metrics of one connector, registered in the engine's registry."""
 
     def __init__(self, registry: CollectorRegistry | None):
-        kwargs: dict[str, Any] = {"registry": registry} if registry is not None else {"registry": None}
+        kwargs: dict[str, Any] = {"registry": registry}
         self.bytes = Counter(
             metric_names.KV_TRANSFER_BYTES,
             "Bytes of KV blocks received from prefill engines.",
