@@ -247,3 +247,29 @@ def test_bfloat16_linear_matches_f_linear(rows, with_bias):
     assert got.shape == (rows, 96)
     # bfloat16 output rounding: relative 2^-8 of values up to about 30.
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=0.25)
+
+
+@pytest.mark.parametrize("use_mv", [False, True], ids=["onednn", "mv"])
+def test_single_row_kernels_agree(use_mv):
+    from llmisvc.engine.models.llama import Linear
+
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    bias = torch.randn(96, generator=generator).bfloat16()
+    x = torch.randn(1, 64, generator=generator).bfloat16()
+    linear = Linear(weight, bias)
+    linear.single_row_mv = use_mv
+    linear.drop_plain_weight()
+    assert (linear.weight is None) == (not use_mv)
+    expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    torch.testing.assert_close(linear(x).float(), expected, rtol=1e-2, atol=0.25)
+
+
+def test_kernel_choice_covers_every_linear(tmp_path):
+    # A bfloat16 runner measures both single-row kernels at load and keeps one per kind.
+    bf16 = ModelRunner(str(write_checkpoint(tmp_path / "llama", "LlamaForCausalLM", seed=3)), dtype="bfloat16", num_blocks=64)
+    choice = bf16.model.single_row_kernels
+    assert set(choice) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    for layer in bf16.model.layers:
+        for kind in ("qkv", "o", "gate_up", "down"):
+            assert layer[kind].single_row_mv == choice[kind]

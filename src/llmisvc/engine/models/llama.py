@@ -9,7 +9,9 @@ bfloat16 steps on a 2-core CPU with SmolLM2-135M.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 
 from llmisvc.engine.kv_cache import KVCache
 from llmisvc.engine.model_config import ModelConfig, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,29 +63,41 @@ class Linear:
     """A weight matrix `[out, in]` (and optional bias) applied as `x @ weight.T + bias`.
 
     On CPU in bfloat16 the weight is also stored in oneDNN's blocked layout and applied with
-    `torch.ops.mkldnn._linear_pointwise` (the op TorchInductor emits for frozen CPU linears):
-    measured 1.3-1.7x faster than `F.linear` for 2 to 512 rows on a 2-core Xeon with AMX.
-    A single row uses `torch.mv` on the plain weight, which made a whole single-sequence
-    decode step of SmolLM2-135M about 8% faster than the packed kernel on that machine.
-    NOTE: keeping both layouts doubles the memory of the linear weights.
+    `torch.ops.mkldnn._linear_pointwise` (the op TorchInductor emits for frozen CPU linears),
+    which measured 1.3-1.7x faster than `F.linear` for 2 to 512 rows on a 2-core Xeon with AMX.
+    Which kernel is faster for a single row depends on the CPU and the shape: `torch.mv` on the
+    plain weight made a decode step 8% faster on that Xeon, but took 0.9x to 3.7x the packed
+    kernel's time per SmolLM2-135M linear on an AMD EPYC with AVX512-BF16.
+    `LlamaModel.choose_single_row_kernels` measures both and sets `single_row_mv`. A linear
+    that uses the packed kernel for every row count releases its plain copy.
     Other devices and dtypes, or a torch build without oneDNN, use `F.linear`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.bias = bias
-        self.weight = weight
+        self.weight: torch.Tensor | None = weight
+        self.single_row_mv = False
         self._packed = None
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
             self._packed = _pack_for_onednn(weight, bias)
 
+    @property
+    def packed(self) -> bool:
+        return self._packed is not None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1:
+        if self.single_row_mv and x.shape[0] == 1:
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+    def drop_plain_weight(self) -> None:
+        """Release the plain weight when the packed copy serves every call."""
+        if self._packed is not None and not self.single_row_mv:
+            self.weight = None
 
 
 def _pack_for_onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -180,6 +196,47 @@ class LlamaModel:
         cos, sin = angles.cos(), angles.sin()
         self._cos = torch.cat([cos, cos], dim=-1).to(device=device, dtype=torch.float32)
         self._sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=torch.float32)
+        self.single_row_kernels = self.choose_single_row_kernels()
+
+    def choose_single_row_kernels(self, sweeps: int = 3) -> dict[str, bool]:
+        """Time both single-row kernels for each kind of linear and keep the faster one.
+
+        One sweep calls every linear once in forward order, so the weights stream from
+        memory as in a decode step instead of staying in cache. The fastest of `sweeps`
+        sweeps decides for each kind. Returns `{kind: uses torch.mv}`, empty when the
+        weights are not packed (other dtypes and devices have one kernel only) or a plain
+        weight was already released by an earlier choice.
+        """
+        order = [(kind, layer[kind]) for layer in self.layers for kind in ("qkv", "o", "gate_up", "down")]
+        order.append(("lm_head", self.lm_head))
+        if not all(linear.packed and linear.weight is not None for _kind, linear in order):
+            return {}
+        rows = {linear.in_features: torch.randn(1, linear.in_features, dtype=self.dtype) for _kind, linear in order}
+        best = {(kind, use_mv): math.inf for kind, _linear in order for use_mv in (False, True)}
+        with torch.inference_mode():
+            for _sweep in range(sweeps):
+                for use_mv in (False, True):
+                    totals = dict.fromkeys((kind for kind, _linear in order), 0.0)
+                    for kind, linear in order:
+                        linear.single_row_mv = use_mv
+                        start = time.perf_counter()
+                        linear(rows[linear.in_features])
+                        totals[kind] += time.perf_counter() - start
+                    for kind, total in totals.items():
+                        best[kind, use_mv] = min(best[kind, use_mv], total)
+
+        choice = {kind: best[kind, True] < best[kind, False] for kind, _linear in order}
+        for kind, linear in order:
+            linear.single_row_mv = choice[kind]
+            linear.drop_plain_weight()
+        logger.info(
+            "single-row kernels: %s",
+            ", ".join(
+                f"{kind}={'mv' if use_mv else 'onednn'} ({best[kind, False] * 1e3:.2f} ms onednn, {best[kind, True] * 1e3:.2f} ms mv)"
+                for kind, use_mv in choice.items()
+            ),
+        )
+        return choice
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the cos and signed sin tables `[tokens, 1, head_dim]` in the run dtype."""
