@@ -252,12 +252,13 @@ class LlamaModel:
         kv: KVCache,
         logit_rows: torch.Tensor,
         out: torch.Tensor,
-    ) -> None:
-        """Run one step and write float32 logits `[len(logit_rows), vocab]` into `out`.
+    ) -> torch.Tensor:
+        """Run one step, write float32 logits `[len(logit_rows), vocab]` into `out`.
 
         `token_ids` and `positions` are `[tokens]`, ordered as `batch` describes; K/V of
         every token is written to its slot. `logit_rows` selects the rows whose next-token
-        logits are wanted (the last token of each sequence).
+        logits are wanted (the last token of each sequence). Returns the final hidden states
+        `[tokens, hidden]`, before the final norm, from which `logits()` computes other rows.
         """
         config = self.config
         hidden = self.embed.index_select(0, token_ids)
@@ -283,6 +284,11 @@ class LlamaModel:
 
         last = self._rms_norm(hidden.index_select(0, logit_rows), self.norm)
         out.copy_(self.lm_head(last))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Return the logits `[rows, vocab]`, in the run dtype, of final hidden states from `forward`."""
+        return self.lm_head(self._rms_norm(hidden, self.norm))
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op instead of Hugging Face's upcast-normalise-downcast-scale sequence.
