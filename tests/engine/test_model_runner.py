@@ -1,4 +1,5 @@
-"""ModelRunner step semantics: chunking, batching, prefix blocks, KV transfer, slot reuse.
+"""ModelRunner step semantics: chunking, batching, prefix blocks, KV transfer, slot reuse,
+prompt logprobs.
 
 Most checks run a small random Llama checkpoint in float32 and compare logits of different
 ways of computing the same positions (chunked vs whole prompt, batched vs alone, from pool
@@ -11,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmisvc.engine import model_runner
 from llmisvc.engine.kv_cache import KVLayout
-from llmisvc.engine.model_runner import ModelRunner, StepInput
+from llmisvc.engine.model_runner import ModelRunner, PromptLogprobsRequest, StepInput
 from tiny_checkpoints import write_checkpoint
 
 BLOCK = 16
@@ -169,6 +171,99 @@ def test_logits_are_writable_float32(runner):
     assert logits.dtype == torch.float32
     assert logits.shape == (1, runner.config.vocab_size)
     logits[0, 0] = float("-inf")  # samplers edit logits in place
+
+
+def _scored_one_step(runner: ModelRunner, seq_id: str, tokens: list[int], top_k: int):
+    """Return the prompt logprobs of `tokens` computed in one step by a fresh sequence."""
+    request = PromptLogprobsRequest(0, tokens[1:], top_k)
+    output = runner.execute_step([StepInput(seq_id, tokens, 0, _blocks(0, len(tokens)), request)])
+    runner.free_sequence(seq_id)
+    return output
+
+
+def test_prompt_logprobs_match_last_row_logits(runner):
+    tokens = _tokens(24, seed=40)
+    output = _scored_one_step(runner, "scored", tokens, top_k=4)
+    scored = output.prompt_logprobs["scored"]
+    assert len(scored) == len(tokens) - 1
+
+    # Reference: the ordinary last-row logits of every prefix, each computed on its own.
+    for position in range(1, len(tokens)):
+        reference = torch.log_softmax(_prefill_logits(runner, "prefix", tokens[:position], first_block=100), dim=-1)
+        entry = position - 1
+        expected = reference[tokens[position]].item()
+        assert scored.logprobs[entry] == pytest.approx(expected, abs=ATOL), f"position {position}"
+        assert scored.ranks[entry] == int((reference >= reference[tokens[position]]).sum())
+        top_values, top_ids = reference.topk(4)
+        assert scored.top_ids[entry] == top_ids.tolist()
+        assert scored.top_logprobs[entry] == pytest.approx(top_values.tolist(), abs=ATOL)
+
+
+def test_prompt_logprobs_leave_logits_unchanged(runner):
+    tokens = _tokens(30, seed=41)
+    expected = _prefill_logits(runner, "plain", tokens, first_block=0)
+    output = _scored_one_step(runner, "scored-logits", tokens, top_k=2)
+    torch.testing.assert_close(output.logits[0], expected, rtol=0, atol=ATOL)
+
+
+def test_chunked_prompt_logprobs_match_one_step(runner):
+    tokens = _tokens(70, seed=42)
+    whole = _scored_one_step(runner, "whole-scored", tokens, top_k=3).prompt_logprobs["whole-scored"]
+
+    # Chunks end mid-block; each chunk's last row scores the next chunk's first token.
+    table = _blocks(20, len(tokens))
+    chunked = []
+    for start, end in ((0, 5), (5, 37), (37, 70)):
+        request = PromptLogprobsRequest(start, tokens[start + 1 : min(end, 69) + 1], 3)
+        output = runner.execute_step([StepInput("chunked-scored", tokens[start:end], start, table, request)])
+        chunked.append(output.prompt_logprobs["chunked-scored"])
+    runner.free_sequence("chunked-scored")
+
+    assert [len(part) for part in chunked] == [5, 32, 32]
+    logprobs = [value for part in chunked for value in part.logprobs]
+    top_ids = [ids for part in chunked for ids in part.top_ids]
+    assert logprobs == pytest.approx(whole.logprobs, abs=ATOL)
+    assert [value for part in chunked for value in part.ranks] == whole.ranks
+    assert top_ids == whole.top_ids
+
+
+def test_prompt_logprobs_batched_with_other_sequences(runner, monkeypatch):
+    first, second = _tokens(40, seed=43), _tokens(9, seed=44)
+    expected_first = _scored_one_step(runner, "alone-first", first, top_k=5).prompt_logprobs["alone-first"]
+    expected_second = _scored_one_step(runner, "alone-second", second, top_k=1).prompt_logprobs["alone-second"]
+    decoding = _tokens(12, seed=45)
+    runner.execute([StepInput("decoding", decoding[:-1], 0, _blocks(60, 12))])
+
+    # Three rows per batch forces several batches that each mix rows of both sequences.
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROBS_CHUNK_BYTES", 3 * 4 * runner.config.vocab_size)
+    output = runner.execute_step(
+        [
+            StepInput("batched-first", first, 0, _blocks(30, 40), PromptLogprobsRequest(0, first[1:], 5)),
+            StepInput("decoding", decoding[-1:], 11, _blocks(60, 12)),
+            StepInput("batched-second", second, 0, _blocks(50, 9), PromptLogprobsRequest(0, second[1:], 1)),
+        ]
+    )
+    for seq_id in ("batched-first", "batched-second", "decoding"):
+        runner.free_sequence(seq_id)
+
+    assert set(output.prompt_logprobs) == {"batched-first", "batched-second"}
+    got_first, got_second = output.prompt_logprobs["batched-first"], output.prompt_logprobs["batched-second"]
+    assert got_first.logprobs == pytest.approx(expected_first.logprobs, abs=ATOL)
+    assert got_first.top_ids == expected_first.top_ids
+    assert got_second.logprobs == pytest.approx(expected_second.logprobs, abs=ATOL)
+    assert all(len(ids) == 1 for ids in got_second.top_ids)
+
+
+def test_prompt_logprob_rows_outside_chunk_rejected(runner):
+    tokens = _tokens(10, seed=46)
+    runner.execute([StepInput("outside", tokens[:5], 0, [0])])
+    before = PromptLogprobsRequest(2, tokens[3:8], 0)
+    with pytest.raises(ValueError, match="outside positions"):
+        runner.execute_step([StepInput("outside", tokens[5:], 5, [0], before)])
+    past_end = PromptLogprobsRequest(5, tokens[6:10] + [1, 2], 0)
+    with pytest.raises(ValueError, match="outside positions"):
+        runner.execute_step([StepInput("outside", tokens[5:], 5, [0], past_end)])
+    runner.free_sequence("outside")
 
 
 @pytest.mark.parametrize(

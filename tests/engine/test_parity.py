@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from llmisvc.engine.loader import embedded_gguf_path
-from llmisvc.engine.model_runner import ModelRunner, StepInput
+from llmisvc.engine.model_runner import ModelRunner, PromptLogprobsRequest, StepInput
 from tiny_checkpoints import write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
 LLAMA_LOGIT_ATOL = 1e-3
+# A log-softmax adds the rounding of the log-sum-exp to that of the logits.
+LLAMA_LOGPROB_ATOL = 2e-3
 # Random weights give small logits; float32 with a different reduction order differs by
 # rounding only, well under these bounds.
 QWEN2_LOGIT_RTOL = 1e-4
@@ -78,6 +80,30 @@ def test_llama_logits_match_transformers(llama_runner, llama_reference):
     for position, logits in zip(positions, got):
         difference = (logits - expected[position]).abs().max().item()
         assert difference < LLAMA_LOGIT_ATOL, f"position {position}: max |diff| {difference}"
+
+
+def test_llama_prompt_logprobs_match_transformers(llama_runner, llama_reference):
+    ids = _prompt_ids(llama_runner, "Why do evaluation harnesses score prompts with logprobs?")
+    with torch.no_grad():
+        expected = torch.log_softmax(llama_reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    table = _block_table(len(ids), first_block=128)
+    split = 21  # two prefill chunks, the second starting mid-block
+    logprobs, top_logprobs = [], []
+    for start, end in ((0, split), (split, len(ids))):
+        request = PromptLogprobsRequest(start, ids[start + 1 : min(end, len(ids) - 1) + 1], 5)
+        output = llama_runner.execute_step([StepInput("parity-scored", ids[start:end], start, table, request)])
+        logprobs.extend(output.prompt_logprobs["parity-scored"].logprobs)
+        top_logprobs.extend(output.prompt_logprobs["parity-scored"].top_logprobs)
+    llama_runner.free_sequence("parity-scored")
+
+    assert len(logprobs) == len(ids) - 1
+    for position in range(len(ids) - 1):
+        reference = expected[position]
+        difference = abs(logprobs[position] - reference[ids[position + 1]].item())
+        assert difference < LLAMA_LOGPROB_ATOL, f"position {position}: |diff| {difference}"
+        top_difference = (torch.tensor(top_logprobs[position]) - reference.topk(5).values).abs().max().item()
+        assert top_difference < LLAMA_LOGPROB_ATOL, f"position {position}: top-5 |diff| {top_difference}"
 
 
 def test_llama_greedy_matches_transformers(llama_runner, llama_reference):

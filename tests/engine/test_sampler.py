@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from llmisvc.engine.sampler import Sampler, SamplingRow
+from llmisvc.engine.sampler import MIN_LOGPROB, Sampler, SamplingRow, score_tokens
 from llmisvc.protocol.openai import SamplingOptions
 
 VOCAB = 8
@@ -122,3 +123,22 @@ def test_logprobs_only_for_rows_that_ask():
     result = Sampler(0).sample(values, [row(temperature=0, logprobs=0), row(temperature=0)])
     assert result.top_ids == [[], []]
     assert len(result.logprobs) == 2
+
+
+def test_score_tokens_ranks_and_top_k():
+    values = logits([0, 3, 2, 1, 0, 0, 0, 0], [5, 5, 0, 0, 0, 0, 0, 0])
+    logprobs, ranks, top_values, top_ids = score_tokens(values, torch.tensor([2, 1]), 2)
+    reference = torch.log_softmax(values, dim=-1)
+    assert logprobs.tolist() == pytest.approx([reference[0, 2].item(), reference[1, 1].item()])
+    # Rank counts tokens at least as likely, so the tie in row 1 shares rank 2.
+    assert ranks.tolist() == [2, 2]
+    assert top_ids[0].tolist() == [1, 2]
+    assert top_values[0].tolist() == pytest.approx(reference[0, [1, 2]].tolist())
+
+
+def test_score_tokens_floors_impossible_tokens():
+    values = logits([0, float("-inf"), 0, 0, 0, 0, 0, 0])
+    logprobs, ranks, _, top_ids = score_tokens(values, torch.tensor([1]), 0)
+    assert logprobs.tolist() == [MIN_LOGPROB]
+    assert ranks.tolist() == [VOCAB]
+    assert top_ids.shape == (1, 0)

@@ -1,7 +1,8 @@
 """ModelRunner: weights, tokenizer and KV storage behind one `execute()` call per engine step.
 
 The engine core decides what runs: which sequences, which chunk of each prompt, which block
-ids. The runner turns that into one batched forward pass and returns next-token logits.
+ids. The runner turns that into one batched forward pass and returns next-token logits, and
+for entries that ask, the raw logprobs of prompt tokens scored by rows inside their chunk.
 Block ids belong to the core: block `i` of a sequence's `block_table` holds the K/V of
 positions `[i * block_size, (i + 1) * block_size)`. Blocks covering positions before a new
 sequence's `start_pos` are treated as already computed (prefix-cache hits or imported KV).
@@ -18,6 +19,7 @@ import torch
 from llmisvc.engine.kv_cache import KVCache, KVLayout
 from llmisvc.engine.loader import load_model, parse_dtype
 from llmisvc.engine.models.llama import AttentionBatch, LlamaModel, PrefillSegment
+from llmisvc.engine.sampler import PromptLogprobs, score_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,24 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_FRACTION = 0.1
 DEFAULT_CPU_KV_CAP_BYTES = 4 << 30
 DEFAULT_CUDA_KV_FRACTION = 0.5
+# Prompt-logprob rows are scored in batches whose float32 logits take at most this many
+# bytes (341 rows at vocabulary 49,152), however long the step. The log-softmax and rank
+# comparison of a batch take about twice that again while it is scored.
+PROMPT_LOGPROBS_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class PromptLogprobsRequest:
+    """Prompt rows of one `StepInput` whose next-token logprobs are requested.
+
+    Row `i` is position `first_pos + i` and scores `target_ids[i]`, the prompt token at
+    position `first_pos + i + 1`. Every row lies inside the entry's chunk. Each row also
+    returns its `top_k` most likely tokens (0: none).
+    """
+
+    first_pos: int
+    target_ids: list[int]
+    top_k: int
 
 
 @dataclass
@@ -34,12 +54,26 @@ class StepInput:
 
     `token_ids` are the tokens to compute now, at positions `start_pos ..`; `block_table`
     lists the sequence's block ids covering at least `start_pos + len(token_ids)` positions.
+    `prompt_logprobs` asks for the raw logprobs of tokens scored by rows of this chunk.
     """
 
     seq_id: str
     token_ids: list[int]
     start_pos: int
     block_table: list[int] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobsRequest | None = None
+
+
+@dataclass
+class StepOutput:
+    """Result of `ModelRunner.execute_step`.
+
+    `logits` is what `execute` returns. `prompt_logprobs` maps the `seq_id` of each input
+    with a `PromptLogprobsRequest` to the logprobs of its `target_ids`, in order.
+    """
+
+    logits: torch.Tensor
+    prompt_logprobs: dict[str, PromptLogprobs]
 
 
 @dataclass
@@ -131,9 +165,13 @@ class ModelRunner:
 
         Row `i` contains the next-token logits after the last token of `inputs[i]`. Raises
         `ValueError`, changing nothing, for a sequence listed twice, an empty entry, a
-        `start_pos` beyond what the sequence has computed, a length over `max_model_len`, or
-        a block table too short for the positions.
+        `start_pos` beyond what the sequence has computed, a length over `max_model_len`, a
+        block table too short for the positions, or prompt-logprob rows outside the chunk.
         """
+        return self.execute_step(inputs).logits
+
+    def execute_step(self, inputs: list[StepInput]) -> StepOutput:
+        """Run one forward step like `execute` and also score the requested prompt tokens."""
         if not inputs:
             raise ValueError("execute() needs at least one StepInput")
         # The output is allocated outside inference mode, so it is an ordinary tensor that
@@ -141,10 +179,12 @@ class ModelRunner:
         with torch.no_grad():
             logits = torch.empty((len(inputs), self.config.vocab_size), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            self._execute(inputs, logits)
-        return logits.cpu() if logits.device.type != "cpu" else logits
+            hidden, last_rows = self._execute(inputs, logits)
+            prompt_logprobs = self._score_prompt_rows(inputs, last_rows, hidden)
+        return StepOutput(logits.cpu() if logits.device.type != "cpu" else logits, prompt_logprobs)
 
-    def _execute(self, inputs: list[StepInput], logits: torch.Tensor) -> None:
+    def _execute(self, inputs: list[StepInput], logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Run the forward pass; return the final hidden states and each input's last batch row."""
         # Validate every entry before admitting any, so a rejected step changes nothing.
         if len({entry.seq_id for entry in inputs}) != len(inputs):
             raise ValueError("execute() got the same seq_id twice in one step")
@@ -176,7 +216,7 @@ class ModelRunner:
 
         batch = self._attention_batch(decode_order, inputs, states, prefills)
         device = self.device
-        self.model.forward(
+        hidden = self.model.forward(
             torch.tensor(token_ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
             batch,
@@ -187,6 +227,55 @@ class ModelRunner:
 
         for entry, state in zip(inputs, states):
             self._finish_step(entry, state)
+        return hidden, logit_rows
+
+    def _score_prompt_rows(
+        self, inputs: list[StepInput], last_rows: list[int], hidden: torch.Tensor
+    ) -> dict[str, PromptLogprobs]:
+        """Score the prompt tokens `inputs` ask for, from the step's final hidden states.
+
+        Rows of every requesting input are gathered into one batch and go through the LM
+        head and log-softmax `PROMPT_LOGPROBS_CHUNK_BYTES` at a time, so the `[tokens, vocab]`
+        logits of a long prompt never exist all at once.
+        """
+        requesting = [(i, entry.prompt_logprobs) for i, entry in enumerate(inputs) if entry.prompt_logprobs is not None]
+        if not requesting:
+            return {}
+
+        rows: list[int] = []
+        targets: list[int] = []
+        for i, request in requesting:
+            entry = inputs[i]
+            first_row = last_rows[i] - len(entry.token_ids) + 1 + (request.first_pos - entry.start_pos)
+            rows.extend(range(first_row, first_row + len(request.target_ids)))
+            targets.extend(request.target_ids)
+        top_k = max(request.top_k for _, request in requesting)
+        row_tensor = torch.tensor(rows, dtype=torch.long, device=self.device)
+        target_tensor = torch.tensor(targets, dtype=torch.long, device=self.device)
+
+        rows_per_chunk = max(1, PROMPT_LOGPROBS_CHUNK_BYTES // (4 * self.config.vocab_size))
+        pieces = []
+        for begin in range(0, len(rows), rows_per_chunk):
+            end = begin + rows_per_chunk
+            logits = self.model.logits(hidden.index_select(0, row_tensor[begin:end]))
+            pieces.append(score_tokens(logits, target_tensor[begin:end], top_k))
+        logprobs, ranks, top_logprobs, top_ids = [], [], [], []
+        if pieces:
+            logprobs, ranks, top_logprobs, top_ids = (torch.cat(parts).tolist() for parts in zip(*pieces))
+
+        results = {}
+        begin = 0
+        for i, request in requesting:
+            end = begin + len(request.target_ids)
+            keep = request.top_k
+            results[inputs[i].seq_id] = PromptLogprobs(
+                logprobs[begin:end],
+                ranks[begin:end],
+                [ids[:keep] for ids in top_ids[begin:end]],
+                [values[:keep] for values in top_logprobs[begin:end]],
+            )
+            begin = end
+        return results
 
     def _validate(self, entry: StepInput) -> None:
         count = len(entry.token_ids)
@@ -199,6 +288,15 @@ class ModelRunner:
             raise ValueError(
                 f"sequence {entry.seq_id!r}: block table of {len(entry.block_table)} blocks cannot hold {end} positions"
             )
+        scored = entry.prompt_logprobs
+        if scored is not None:
+            if not entry.start_pos <= scored.first_pos or scored.first_pos + len(scored.target_ids) > end:
+                raise ValueError(
+                    f"sequence {entry.seq_id!r}: prompt-logprob rows {scored.first_pos}.."
+                    f"{scored.first_pos + len(scored.target_ids)} lie outside positions {entry.start_pos}..{end}"
+                )
+            if scored.top_k < 0:
+                raise ValueError(f"sequence {entry.seq_id!r}: prompt-logprob top_k {scored.top_k} is negative")
         state = self._sequences.get(entry.seq_id)
         if state is not None and entry.start_pos > state.num_computed:
             raise ValueError(

@@ -6,12 +6,13 @@ row-wise with broadcast parameters. Random rows draw by inverse CDF: one uniform
 per row is located in the row's cumulative distribution. A row whose request has a `seed`
 draws that number from its own `torch.Generator`, so its output does not depend on what
 else is in the batch. Logprobs are those of the model's raw distribution (before penalties and
-temperature), as vLLM returns by default.
+temperature), as vLLM returns by default. `score_tokens` computes the same raw logprobs for
+given tokens, which the model runner uses for prompt logprobs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +20,8 @@ from llmisvc.protocol.openai import SamplingOptions
 
 # Temperatures below this are treated as greedy decoding.
 _GREEDY_TEMPERATURE = 1e-5
+# Floor of scored logprobs, because JSON has no -inf. vLLM's OpenAI server reports -9999.0.
+MIN_LOGPROB = -9999.0
 
 
 @dataclass
@@ -65,6 +68,47 @@ class SamplerOutput:
     logprobs: list[float] | None
     top_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
+
+
+@dataclass
+class PromptLogprobs:
+    """Raw logprobs of consecutive prompt tokens, one entry per token.
+
+    `logprobs[i]` is the token's logprob and `ranks[i]` its rank in the vocabulary, 1 for
+    the most likely token. Tied tokens share the larger rank, as in vLLM. `top_ids[i]` and
+    `top_logprobs[i]` list the most likely tokens at that position, best first.
+    """
+
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def extend(self, other: "PromptLogprobs") -> None:
+        """Append the entries of `other`, which scores the tokens after these."""
+        self.logprobs.extend(other.logprobs)
+        self.ranks.extend(other.ranks)
+        self.top_ids.extend(other.top_ids)
+        self.top_logprobs.extend(other.top_logprobs)
+
+
+def score_tokens(
+    logits: torch.Tensor, token_ids: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the raw logprobs, vocabulary ranks and top-k alternatives of `token_ids` under `logits`.
+
+    `logits` is `[rows, vocab]` in any float dtype (computed in float32) and `token_ids`
+    `[rows]`. Returns `(logprobs [rows], ranks [rows], top_logprobs [rows, top_k],
+    top_ids [rows, top_k])`, with logprobs floored at MIN_LOGPROB.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs >= chosen).sum(dim=-1)
+    top_values, top_ids = logprobs.topk(top_k, dim=-1)
+    return chosen.squeeze(1).clamp_min(MIN_LOGPROB), ranks, top_values.clamp_min(MIN_LOGPROB), top_ids
 
 
 class Sampler:
