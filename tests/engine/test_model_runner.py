@@ -344,27 +344,41 @@ def test_bfloat16_linear_matches_f_linear(rows, with_bias):
     torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=0.25)
 
 
-@pytest.mark.parametrize("use_mv", [False, True], ids=["onednn", "mv"])
-def test_single_row_kernels_agree(use_mv):
+@pytest.mark.parametrize("kernel", ["onednn", "mv", "native"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_few_row_kernels_agree(kernel, rows):
+    from llmisvc.engine.kernels import load
     from llmisvc.engine.models.llama import Linear
 
+    native = load()
+    if kernel == "native" and native is None:
+        pytest.skip("native kernels unavailable (CPU without AVX512-BF16 or no C compiler)")
     generator = torch.Generator().manual_seed(7)
     weight = torch.randn(96, 64, generator=generator).bfloat16()
     bias = torch.randn(96, generator=generator).bfloat16()
-    x = torch.randn(1, 64, generator=generator).bfloat16()
-    linear = Linear(weight, bias)
-    linear.single_row_mv = use_mv
-    linear.drop_plain_weight()
-    assert (linear.weight is None) == (not use_mv)
+    x = torch.randn(rows, 64, generator=generator).bfloat16()
+    linear = Linear(weight, bias, native)
+    linear.single_row_mv = kernel == "mv"
+    linear.native_max_rows = 8 if kernel == "native" else 0
+    linear.release_unused()
+    assert (linear.weight is None) == (kernel != "mv")
+    assert linear.has_native == (kernel == "native")
     expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
     torch.testing.assert_close(linear(x).float(), expected, rtol=1e-2, atol=0.25)
 
 
 def test_kernel_choice_covers_every_linear(tmp_path):
-    # A bfloat16 runner measures both single-row kernels at load and keeps one per kind.
-    bf16 = ModelRunner(str(write_checkpoint(tmp_path / "llama", "LlamaForCausalLM", seed=3)), dtype="bfloat16", num_blocks=64)
-    choice = bf16.model.single_row_kernels
-    assert set(choice) == {"qkv", "o", "gate_up", "down", "lm_head"}
-    for layer in bf16.model.layers:
-        for kind in ("qkv", "o", "gate_up", "down"):
-            assert layer[kind].single_row_mv == choice[kind]
+    # A bfloat16 runner measures the few-row kernels at load and configures every linear.
+    directory = write_checkpoint(tmp_path / "llama", "LlamaForCausalLM", seed=3)
+    model = ModelRunner(str(directory), dtype="bfloat16", num_blocks=64).model
+    choice = model.kernel_choice
+    assert choice["single_row"] in ("onednn", "mv", "native")
+    assert (choice["native_max_rows"] > 0) == (choice["single_row"] == "native")
+    linears = [layer[kind] for layer in model.layers for kind in ("qkv", "o", "gate_up", "down")] + [model.lm_head]
+    for linear in linears:
+        assert linear.native_max_rows == choice["native_max_rows"]
+        assert linear.single_row_mv == (choice["single_row"] == "mv")
+
+
+def test_float32_model_skips_kernel_choice(runner):
+    assert runner.model.kernel_choice == {}

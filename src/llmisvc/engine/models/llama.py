@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmisvc.engine.kernels import NativeKernels
+from llmisvc.engine.kernels import load as load_native_kernels
 from llmisvc.engine.kv_cache import KVCache
 from llmisvc.engine.model_config import ModelConfig, UnsupportedModelError
 
@@ -65,39 +67,52 @@ class Linear:
     On CPU in bfloat16 the weight is also stored in oneDNN's blocked layout and applied with
     `torch.ops.mkldnn._linear_pointwise` (the op TorchInductor emits for frozen CPU linears),
     which measured 1.3-1.7x faster than `F.linear` for 2 to 512 rows on a 2-core Xeon with AMX.
-    Which kernel is faster for a single row depends on the CPU and the shape: `torch.mv` on the
-    plain weight made a decode step 8% faster on that Xeon, but took 0.9x to 3.7x the packed
-    kernel's time per SmolLM2-135M linear on an AMD EPYC with AVX512-BF16.
-    `LlamaModel.choose_single_row_kernels` measures both and sets `single_row_mv`. A linear
-    that uses the packed kernel for every row count releases its plain copy.
+    Few rows are a different problem, bound by reading the weight, and the fastest kernel
+    depends on the CPU: `torch.mv` on the plain weight made a decode step 8% faster than
+    oneDNN on that Xeon but was up to 3.7x slower on an AMD EPYC with AVX512-BF16, where the
+    native kernel (`llmisvc.engine.kernels`) was 1.8x faster than oneDNN for one row.
+    `LlamaModel.choose_kernels` measures them and sets `native_max_rows` and `single_row_mv`.
+    Copies no chosen kernel reads are then released.
+    NOTE: with the native kernel, two packed copies of each weight stay in memory.
     Other devices and dtypes, or a torch build without oneDNN, use `F.linear`.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, native: NativeKernels | None = None):
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.weight: torch.Tensor | None = weight
         self.single_row_mv = False
+        self.native_max_rows = 0
         self._packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
-            self._packed = _pack_for_onednn(weight, bias)
+        self._native = native
+        self._native_packed = None
+        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            if torch.backends.mkldnn.is_available():
+                self._packed = _pack_for_onednn(weight, bias)
+            if native is not None:
+                self._native_packed = native.pack_linear_weight(weight)
 
     @property
-    def packed(self) -> bool:
-        return self._packed is not None
+    def has_native(self) -> bool:
+        return self._native_packed is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:
-            return F.linear(x, self.weight, self.bias)
-        if self.single_row_mv and x.shape[0] == 1:
+        rows = x.shape[0]
+        if rows <= self.native_max_rows:
+            return self._native.linear(self._native_packed, self.bias, x, self.out_features)
+        if self.single_row_mv and rows == 1:
             out = torch.mv(self.weight, x[0]).unsqueeze(0)
             return out if self.bias is None else out + self.bias
+        if self._packed is None:
+            return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
-    def drop_plain_weight(self) -> None:
-        """Release the plain weight when the packed copy serves every call."""
+    def release_unused(self) -> None:
+        """Release the weight copies that the chosen kernels never read."""
         if self._packed is not None and not self.single_row_mv:
             self.weight = None
+        if self.native_max_rows == 0:
+            self._native_packed = None
 
 
 def _pack_for_onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -157,10 +172,11 @@ class LlamaModel:
                 raise UnsupportedModelError(f"missing tensor {name!r} for {config.architecture}")
             return weights.pop(name).to(device=device, dtype=dtype).contiguous()
 
+        native = load_native_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
         tied = config.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"))
+        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"), native=native)
         # The attention scale 1/sqrt(head_dim) is folded into the q projection, because RoPE
         # is linear and the product is then computed once at load instead of every step.
         # For head_dim 64 the scale is a power of two, so the bfloat16 weights stay exact.
@@ -180,11 +196,11 @@ class LlamaModel:
             self.layers.append(
                 {
                     "input_norm": take(prefix + "input_layernorm.weight"),
-                    "qkv": Linear(qkv, qkv_bias),
-                    "o": Linear(take(attention + "o_proj.weight")),
+                    "qkv": Linear(qkv, qkv_bias, native),
+                    "o": Linear(take(attention + "o_proj.weight"), native=native),
                     "post_norm": take(prefix + "post_attention_layernorm.weight"),
-                    "gate_up": Linear(gate_up),
-                    "down": Linear(take(prefix + "mlp.down_proj.weight")),
+                    "gate_up": Linear(gate_up, native=native),
+                    "down": Linear(take(prefix + "mlp.down_proj.weight"), native=native),
                 }
             )
 
@@ -196,47 +212,64 @@ class LlamaModel:
         cos, sin = angles.cos(), angles.sin()
         self._cos = torch.cat([cos, cos], dim=-1).to(device=device, dtype=torch.float32)
         self._sin = torch.cat([-sin, sin], dim=-1).to(device=device, dtype=torch.float32)
-        self.single_row_kernels = self.choose_single_row_kernels()
+        self.kernel_choice = self.choose_kernels()
 
-    def choose_single_row_kernels(self, sweeps: int = 3) -> dict[str, bool]:
-        """Time both single-row kernels for each kind of linear and keep the faster one.
+    def choose_kernels(self, sweeps: int = 3) -> dict[str, object]:
+        """Time the few-row kernels, configure every linear with the fastest and return the choice.
 
-        One sweep calls every linear once in forward order, so the weights stream from
-        memory as in a decode step instead of staying in cache. The fastest of `sweeps`
-        sweeps decides for each kind. Returns `{kind: uses torch.mv}`, empty when the
-        weights are not packed (other dtypes and devices have one kernel only) or a plain
-        weight was already released by an earlier choice.
+        One sweep calls every linear once in forward order, so the weights stream from memory
+        as in a decode step instead of staying in cache, and the fastest of `sweeps` sweeps
+        counts. For one row the candidates are oneDNN (or `F.linear`), `torch.mv` and the
+        native kernel. When the native kernel wins, it is then compared with oneDNN at 2, 4,
+        8, 16 and 32 rows, and used up to the last row count where it stays faster. Returns
+        `{"single_row": kernel name, "native_max_rows": rows}`, or an empty dict (and
+        changes nothing) for dtypes and devices with a single kernel.
         """
-        order = [(kind, layer[kind]) for layer in self.layers for kind in ("qkv", "o", "gate_up", "down")]
-        order.append(("lm_head", self.lm_head))
-        if not all(linear.packed and linear.weight is not None for _kind, linear in order):
+        linears = [layer[kind] for layer in self.layers for kind in ("qkv", "o", "gate_up", "down")]
+        linears.append(self.lm_head)
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16 or any(linear.weight is None for linear in linears):
             return {}
-        rows = {linear.in_features: torch.randn(1, linear.in_features, dtype=self.dtype) for _kind, linear in order}
-        best = {(kind, use_mv): math.inf for kind, _linear in order for use_mv in (False, True)}
-        with torch.inference_mode():
-            for _sweep in range(sweeps):
-                for use_mv in (False, True):
-                    totals = dict.fromkeys((kind for kind, _linear in order), 0.0)
-                    for kind, linear in order:
-                        linear.single_row_mv = use_mv
-                        start = time.perf_counter()
-                        linear(rows[linear.in_features])
-                        totals[kind] += time.perf_counter() - start
-                    for kind, total in totals.items():
-                        best[kind, use_mv] = min(best[kind, use_mv], total)
+        inputs = {
+            rows: {size: torch.randn(rows, size, dtype=self.dtype) for size in {linear.in_features for linear in linears}}
+            for rows in (1, 2, 4, 8, 16, 32)
+        }
 
-        choice = {kind: best[kind, True] < best[kind, False] for kind, _linear in order}
-        for kind, linear in order:
-            linear.single_row_mv = choice[kind]
-            linear.drop_plain_weight()
+        def sweep_time(rows: int, native_max_rows: int, single_row_mv: bool) -> float:
+            for linear in linears:
+                linear.native_max_rows = native_max_rows
+                linear.single_row_mv = single_row_mv
+            best = math.inf
+            with torch.inference_mode():
+                for _sweep in range(sweeps):
+                    start = time.perf_counter()
+                    for linear in linears:
+                        linear(inputs[rows][linear.in_features])
+                    best = min(best, time.perf_counter() - start)
+            return best
+
+        timings = {"onednn": sweep_time(1, 0, False), "mv": sweep_time(1, 0, True)}
+        native = all(linear.has_native for linear in linears)
+        if native:
+            timings["native"] = sweep_time(1, 1, False)
+        single_row = min(timings, key=timings.get)
+        native_max_rows = 1 if single_row == "native" else 0
+        if native_max_rows:
+            for rows in (2, 4, 8, 16, 32):
+                if sweep_time(rows, rows, False) >= sweep_time(rows, 0, False):
+                    break
+                native_max_rows = rows
+
+        for linear in linears:
+            linear.native_max_rows = native_max_rows
+            linear.single_row_mv = single_row == "mv"
+            linear.release_unused()
         logger.info(
-            "single-row kernels: %s",
-            ", ".join(
-                f"{kind}={'mv' if use_mv else 'onednn'} ({best[kind, False] * 1e3:.2f} ms onednn, {best[kind, True] * 1e3:.2f} ms mv)"
-                for kind, use_mv in choice.items()
-            ),
+            "linear kernels: one row uses %s (one-row sweep: %s), native kernel up to %d rows",
+            single_row,
+            ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items()),
+            native_max_rows,
         )
-        return choice
+        return {"single_row": single_row, "native_max_rows": native_max_rows}
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the cos and signed sin tables `[tokens, 1, head_dim]` in the run dtype."""

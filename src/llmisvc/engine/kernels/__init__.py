@@ -1,0 +1,144 @@
+"""Native CPU kernels, compiled from the C sources in this package on first use.
+
+The sources are built with the system C compiler (`$CC`, else `cc`) into a shared library
+cached under `$XDG_CACHE_HOME/llmisvc/kernels` (default `~/.cache/llmisvc/kernels`), keyed
+by a hash of the sources, the flags and the compiler's version, and called through ctypes.
+They need x86-64 with AVX512-BF16. On other CPUs, without a compiler, when the build fails,
+or with `LLMISVC_NATIVE_KERNELS=0`, `load()` returns None and the engine uses PyTorch's
+kernels only. OpenMP pragmas bind to the `libgomp.so.1` that PyTorch has already loaded, so
+the kernels share PyTorch's thread pool instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+
+
+class NativeKernels:
+    """Typed wrappers around the compiled library's functions."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path):
+        self.path = path
+        self._linear = library.llmisvc_linear_bf16
+        self._linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        self._linear.restype = None
+
+    @staticmethod
+    def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+        """Return `weight` `[out, in]` in the kernel's `[blocks, in / 2, 16, 2]` layout.
+
+        Returns None when the weight is not a CPU bfloat16 matrix with an even number of
+        input features. Rows are zero padded to a multiple of 16.
+        """
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+            return None
+        rows, cols = weight.shape
+        if cols % 2:
+            return None
+        padding = (-rows) % 16
+        if padding:
+            weight = torch.cat([weight, weight.new_zeros(padding, cols)])
+        return weight.reshape(-1, 16, cols // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+    def linear(self, packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        """Return `x @ weight.T + bias` for bfloat16 `x` `[m, in]`, using `pack_linear_weight`'s output."""
+        x = x.contiguous()
+        out = torch.empty((x.shape[0], out_features), dtype=torch.bfloat16)
+        self._linear(
+            packed.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            x.data_ptr(),
+            out.data_ptr(),
+            x.shape[0],
+            out_features,
+            x.shape[1],
+            torch.get_num_threads(),
+        )
+        return out
+
+
+def cpu_supported() -> bool:
+    """Return whether this is an x86-64 Linux CPU with the instructions the kernels use."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return all(flag in flags for flag in CPU_FLAGS)
+    return False
+
+
+@functools.cache
+def load() -> NativeKernels | None:
+    """Build (once per source version) and load the kernels, or return None when unavailable."""
+    if os.environ.get("LLMISVC_NATIVE_KERNELS", "1") == "0":
+        logger.info("native kernels disabled by LLMISVC_NATIVE_KERNELS=0")
+        return None
+    if not cpu_supported():
+        logger.info("native kernels not used: the CPU lacks one of %s", ", ".join(CPU_FLAGS))
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.warning("native kernels not used: no C compiler found (set CC or install gcc)")
+        return None
+    try:
+        path = _build(compiler)
+        return NativeKernels(ctypes.CDLL(str(path)), path)
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("native kernels not used: building them failed: %s", error)
+        return None
+
+
+def _build(compiler: str) -> Path:
+    """Compile the sources unless a library for the same inputs is cached; return its path."""
+    sources = sorted(SOURCE_DIR.glob("*.c"))
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256()
+    for part in [version, " ".join(COMPILE_FLAGS)] + [source.read_text() for source in sources]:
+        digest.update(part.encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmisvc" / "kernels"
+    target = cache / f"llmisvc-kernels-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+
+    cache.mkdir(parents=True, exist_ok=True)
+    # Replicas starting together may build at once, so each writes a private file and
+    # renames it into place atomically.
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(handle)
+    try:
+        command = [compiler, *COMPILE_FLAGS, *map(str, sources), "-o", temporary]
+        result = subprocess.run(command + ["-fopenmp"], capture_output=True, text=True)
+        if result.returncode != 0:
+            # Without OpenMP the kernels still work, on one thread.
+            logger.warning("building native kernels with -fopenmp failed, retrying without: %s", result.stderr.strip())
+            result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(f"{' '.join(command)} exited with {result.returncode}: {result.stderr.strip()}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    logger.info("built native kernels into %s", target)
+    return target
