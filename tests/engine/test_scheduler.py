@@ -31,8 +31,10 @@ def make_scheduler(num_blocks=64, max_num_seqs=8, budget=32, caching=True, remot
     return Scheduler(config, pool, remote_prefill=remote)
 
 
-def make_seq(tokens, request_id="r", kv=None) -> Sequence:
-    request = EngineRequest(request_id, list(tokens), SamplingOptions(), max_tokens=100, kv_transfer_params=kv)
+def make_seq(tokens, request_id="r", kv=None, prompt_logprobs=None) -> Sequence:
+    request = EngineRequest(
+        request_id, list(tokens), SamplingOptions(), max_tokens=100, kv_transfer_params=kv, prompt_logprobs=prompt_logprobs
+    )
     return Sequence(request, 0, BLOCK, "")
 
 
@@ -137,6 +139,51 @@ def test_fully_cached_prompt_still_computes_last_token():
     _, done = run_step(scheduler)
     assert again.num_cached_tokens == 4
     assert done["again"] == 4
+
+
+def test_prompt_logprobs_skip_cache_reads():
+    scheduler = make_scheduler()
+    first = make_seq(range(10), "first")
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.remove(first)
+
+    scored = make_seq(range(10), "scored", prompt_logprobs=2)
+    scheduler.add(scored)
+    plan, done = run_step(scheduler)
+    assert scored.num_cached_tokens == 0
+    assert done["scored"] == 10
+    # vLLM counts no prefix-cache query for a request that may not read the cache.
+    assert plan.new_prefix_queries == 0
+    assert plan.new_prefix_hits == 0
+
+    # Its blocks are still stored, so a later plain request hits them.
+    scheduler.remove(scored)
+    plain = make_seq(range(10), "plain")
+    scheduler.add(plain)
+    run_step(scheduler)
+    assert plain.num_cached_tokens == 8
+
+
+def test_preempted_scoring_reads_only_scored_blocks():
+    scheduler = make_scheduler()
+    owner = make_seq(range(20), "owner")
+    scheduler.add(owner)
+    run_step(scheduler)
+    scheduler.remove(owner)
+
+    # Preempted after its first chunk scored positions 0..8: blocks 0 and 1 may be read.
+    scored = make_seq(range(20), "scored", prompt_logprobs=0)
+    scored.admitted_once = True
+    scored.num_prompt_logprobs = 9
+    scheduler.add(scored)
+    _, done = run_step(scheduler)
+    assert scored.num_computed_tokens == 20
+    assert done["scored"] == 12
+
+    # Once every prompt token is scored, the cap no longer applies.
+    scored.num_prompt_logprobs = 19
+    assert not scored.prompt_logprobs_pending
 
 
 def test_caching_disabled_computes_everything():

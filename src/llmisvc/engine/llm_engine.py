@@ -26,8 +26,8 @@ import torch
 
 from llmisvc.engine.block_pool import BlockPool
 from llmisvc.engine.metrics import EngineMetrics
-from llmisvc.engine.model_runner import StepInput
-from llmisvc.engine.sampler import Sampler, SamplingRow
+from llmisvc.engine.model_runner import PromptLogprobsRequest, StepInput
+from llmisvc.engine.sampler import PromptLogprobs, Sampler, SamplingRow
 from llmisvc.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from llmisvc.engine.sequence import EngineRequest, FinishReason, Sequence, SequenceStatus
 from llmisvc.engine.stop_checker import StopChecker
@@ -68,6 +68,8 @@ class SequenceDelta:
 
     `prompt_index` is the position of the prompt in the submitted list, `index` the choice
     within that prompt's `n`. `finish_reason` is set on the last delta of the choice.
+    `prompt_logprobs` scores the prompt tokens after the first. It comes once, on the
+    choice's first delta, when the request asked for prompt logprobs.
     """
 
     prompt_index: int
@@ -77,6 +79,7 @@ class SequenceDelta:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -110,6 +113,8 @@ class _Submission:
     checkers: dict[int, StopChecker] = field(default_factory=dict)
     prompt_index: dict[int, int] = field(default_factory=dict)
     generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # Prompt logprobs scored so far, per sequence, until its first delta carries them.
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     pulls: dict[int, concurrent.futures.Future] = field(default_factory=dict)
     num_finished: int = 0
     kv_transfer_params: dict[str, Any] | None = None
@@ -331,6 +336,8 @@ class LLMEngine:
     def _add(self, submission: _Submission) -> None:
         for prompt_index, request in enumerate(submission.requests):
             self._submissions[request.request_id] = submission
+            if self._declines_remote_prefill(request):
+                self._free_remote_blocks(request)
             # NOTE: the n choices of a prompt are admitted together, so each computes the prompt
             # itself. Only later requests reuse those blocks through the prefix cache.
             for index in range(request.options.n):
@@ -343,6 +350,9 @@ class LLMEngine:
                 if request.options.seed is not None:
                     # Choices of one seeded request differ from each other but repeat across runs.
                     submission.generators[seq.seq_id] = torch.Generator().manual_seed(request.options.seed + index)
+                if request.prompt_logprobs is not None:
+                    # NOTE: each of the n choices scores the prompt again, because each prefills it.
+                    submission.prompt_logprobs[seq.seq_id] = PromptLogprobs()
                 self.scheduler.add(seq)
         logger.debug("added %s", [r.request_id for r in submission.requests])
 
@@ -363,22 +373,49 @@ class LLMEngine:
                 if self.metrics is not None and seq.index == 0:
                     self.metrics.queue_time.observe(now - seq.arrival_time)
             start = seq.num_computed_tokens
-            inputs.append(StepInput(seq.seq_id, seq.token_ids[start : start + chunk.num_tokens], start, seq.block_ids))
-        logits = self.runner.execute(inputs)
+            end = start + chunk.num_tokens
+            scored = self._prompt_rows_to_score(seq, end)
+            inputs.append(StepInput(seq.seq_id, seq.token_ids[start:end], start, seq.block_ids, scored))
+        step = self.runner.execute_step(inputs)
 
         sample_rows = []
+        prompt_only = []
         for row, chunk in enumerate(plan.chunks):
             seq = chunk.seq
+            scored = step.prompt_logprobs.get(seq.seq_id)
+            if scored is not None:
+                self._submissions[seq.request_id].prompt_logprobs[seq.seq_id].extend(scored)
+                seq.num_prompt_logprobs += len(scored)
             seq.num_computed_tokens += chunk.num_tokens
             self.scheduler.register_computed_blocks(seq)
             if seq.num_computed_tokens == seq.num_tokens:
-                sample_rows.append(row)
+                if seq.request.max_tokens == 0:
+                    prompt_only.append(seq)
+                else:
+                    sample_rows.append(row)
         if sample_rows:
-            self._sample_and_emit(logits, [plan.chunks[row].seq for row in sample_rows], sample_rows)
+            self._sample_and_emit(step.logits, [plan.chunks[row].seq for row in sample_rows], sample_rows)
+        if prompt_only:
+            self._finish_prompt_only(prompt_only)
 
         self._publish_events()
         self._update_gauges()
         return True
+
+    def _prompt_rows_to_score(self, seq: Sequence, end: int) -> PromptLogprobsRequest | None:
+        """Return the prompt positions before `end` whose next-token logprobs `seq` still needs.
+
+        The rows start at `seq.num_prompt_logprobs`, which is never before the chunk's start:
+        the scheduler reads cached blocks only up to that position, and requests with prompt
+        logprobs never take imported KV.
+        """
+        if not seq.prompt_logprobs_pending:
+            return None
+        first = seq.num_prompt_logprobs
+        stop = min(end, seq.num_prompt_tokens - 1)
+        if stop <= first:
+            return None
+        return PromptLogprobsRequest(first, seq.token_ids[first + 1 : stop + 1], seq.request.prompt_logprobs)
 
     def _after_schedule(self, plan: SchedulerOutput) -> None:
         for seq in plan.preempted:
@@ -411,7 +448,7 @@ class LLMEngine:
         result = self.sampler.sample(selected, sampled_rows)
 
         now = time.monotonic()
-        outputs: dict[int, tuple[_Submission, list[SequenceDelta]]] = {}
+        deltas: list[tuple[_Submission, SequenceDelta]] = []
         for i, seq in enumerate(seqs):
             token_id = result.token_ids[i]
             seq.token_ids.append(token_id)
@@ -423,18 +460,55 @@ class LLMEngine:
                 top = list(zip(result.top_ids[i], result.top_logprobs[i]))
                 logprobs = [TokenLogprob(token_id, result.logprobs[i], top)]
             delta = SequenceDelta(
-                submission.prompt_index[seq.seq_id], seq.index, stop.text, [token_id], logprobs
+                submission.prompt_index[seq.seq_id],
+                seq.index,
+                stop.text,
+                [token_id],
+                logprobs,
+                prompt_logprobs=submission.prompt_logprobs.pop(seq.seq_id, None),
             )
             if stop.finish_reason is not None:
                 delta.finish_reason = stop.finish_reason.value
                 delta.stop_reason = stop.stop_reason
                 self._finish(seq, stop.finish_reason, stop.stop_reason, submission)
-            outputs.setdefault(id(submission), (submission, []))[1].append(delta)
+            deltas.append((submission, delta))
 
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(len(seqs))
-        for submission, deltas in outputs.values():
-            self._emit(submission, deltas)
+        self._emit_by_submission(deltas)
+
+    def _finish_prompt_only(self, seqs: list[Sequence]) -> None:
+        """End sequences with `max_tokens` 0 once their prompt is computed, without sampling.
+
+        Each gets one final delta with no tokens, its prompt logprobs and finish reason
+        "length", which vLLM also reports for an echo with `max_tokens` 0.
+        """
+        deltas: list[tuple[_Submission, SequenceDelta]] = []
+        for seq in seqs:
+            submission = self._submissions[seq.request_id]
+            delta = SequenceDelta(
+                submission.prompt_index[seq.seq_id],
+                seq.index,
+                "",
+                [],
+                [] if seq.options.logprobs is not None else None,
+                finish_reason=FinishReason.LENGTH.value,
+                prompt_logprobs=submission.prompt_logprobs.pop(seq.seq_id, None),
+            )
+            if self.metrics is not None and seq.index == 0:
+                # Otherwise counted at the first output token, which these never produce.
+                self.metrics.prompt_tokens.inc(seq.num_prompt_tokens)
+            self._finish(seq, FinishReason.LENGTH, None, submission)
+            deltas.append((submission, delta))
+        self._emit_by_submission(deltas)
+
+    def _emit_by_submission(self, deltas: list[tuple[_Submission, SequenceDelta]]) -> None:
+        """Emit one output per submission with its deltas, in order."""
+        grouped: dict[int, tuple[_Submission, list[SequenceDelta]]] = {}
+        for submission, delta in deltas:
+            grouped.setdefault(id(submission), (submission, []))[1].append(delta)
+        for submission, group in grouped.values():
+            self._emit(submission, group)
 
     def _record_token_timing(self, seq: Sequence, now: float) -> None:
         if seq.first_token_time is None:
@@ -533,9 +607,42 @@ class LLMEngine:
             self.scheduler.release_blocks(seq)
         self._update_gauges()
 
-    def _takes_remote_prefill(self, seq: Sequence) -> bool:
-        params = seq.request.kv_transfer_params
+    def _offers_remote_kv(self, request: EngineRequest) -> bool:
+        params = request.kv_transfer_params
         return self.connector is not None and bool(params and params.get("do_remote_prefill"))
+
+    def _takes_remote_prefill(self, seq: Sequence) -> bool:
+        return self._offers_remote_kv(seq.request) and seq.request.prompt_logprobs is None
+
+    def _declines_remote_prefill(self, request: EngineRequest) -> bool:
+        """True for a request that offers remote KV but needs prompt logprobs.
+
+        Imported KV comes without the logits of the prompt positions, so such a request is
+        prefilled here instead, and the response is the one a request without KV transfer
+        would get.
+        """
+        return self._offers_remote_kv(request) and request.prompt_logprobs is not None
+
+    def _free_remote_blocks(self, request: EngineRequest) -> None:
+        """Tell the prefill engine to free the blocks a declined remote prefill holds."""
+        logger.info(
+            "request %s: prompt logprobs need logits at every prompt position, so the prompt is "
+            "prefilled locally and the remote KV cache is not read",
+            request.request_id,
+        )
+        coroutine = self._notify_remote_free(request.request_id, request.kv_transfer_params)
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    async def _notify_remote_free(self, request_id: str, raw_params: dict[str, Any]) -> None:
+        try:
+            params = KVTransferParams.from_json(raw_params)
+            remote = list(params.remote_block_ids)
+            # With first_uncached_block at the end, nothing is read or written, and
+            # NixlConnector.pull sends the free notification whether it succeeds or not. The
+            # block ids are placeholders of the expected length.
+            await self.connector.pull(params, remote, len(remote))
+        except Exception as exc:  # the prefill engine's lease frees the blocks anyway
+            logger.warning("request %s: freeing the declined remote KV blocks failed: %s", request_id, exc)
 
     def _wants_remote_decode(self, seq: Sequence) -> bool:
         params = seq.request.kv_transfer_params

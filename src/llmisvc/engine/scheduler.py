@@ -4,7 +4,8 @@ Each step has a token budget (`max_num_batched_tokens`). Running sequences that 
 decoding come first and get one token each, so a long prompt never stalls them. Sequences
 still in prefill (a new prompt, or a recompute after preemption) then get chunks of the
 remaining budget. Last, waiting sequences are admitted in arrival order while the budget,
-the free blocks and `max_num_seqs` allow, reusing prefix-cached blocks. When a running sequence
+the free blocks and `max_num_seqs` allow, reusing prefix-cached blocks (except for prompt
+positions whose logprobs a request still needs). When a running sequence
 needs a block and none is free, the most recently admitted unscheduled sequence is
 preempted: its blocks are freed and it returns to the front of the waiting queue to be
 recomputed later (its generated tokens are kept, so greedy output is unchanged).
@@ -62,7 +63,8 @@ class SchedulerOutput:
     `remote_pulls` lists sequences that just got blocks and now wait for a KV connector,
     with the index of their first block the local prefix cache did not cover.
     `new_prefix_queries` / `new_prefix_hits` count prompt tokens looked up and found in the
-    prefix cache by sequences admitted this step.
+    prefix cache by sequences admitted this step. Sequences that may not read the cache (they
+    need prompt logprobs) are not counted, as in vLLM.
     """
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
@@ -243,6 +245,11 @@ class Scheduler:
 
             # Keep at least one token uncached: its logits produce the first output token.
             cacheable = (seq.num_tokens - 1) // size
+            reads_cache = not seq.prompt_logprobs_pending
+            if not reads_cache:
+                # Cached positions are never computed, so they have no logits to score prompt
+                # tokens with. Read only positions already scored: none at first admission.
+                cacheable = min(cacheable, seq.num_prompt_logprobs // size)
             hits = self.pool.find_cached_prefix(seq.block_hashes(cacheable)) if cacheable else []
             num_cached = len(hits) * size
             free_after_hits = self.pool.num_free_blocks - self.pool.num_free_among(hits)
@@ -251,7 +258,7 @@ class Scheduler:
                 needed = self.blocks_for(seq.num_prompt_tokens) - len(hits)
                 if needed > free_after_hits:
                     break
-                self._take_blocks(seq, hits, needed, output)
+                self._take_blocks(seq, hits, needed, output, reads_cache)
                 self.waiting.popleft()
                 seq.status = SequenceStatus.WAITING_FOR_REMOTE_KVS
                 self.remote_waiting[seq.seq_id] = seq
@@ -264,7 +271,7 @@ class Scheduler:
             if granted <= 0:
                 break
             needed = self.blocks_for(num_cached + granted) - len(hits)
-            self._take_blocks(seq, hits, needed, output)
+            self._take_blocks(seq, hits, needed, output, reads_cache)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -272,7 +279,9 @@ class Scheduler:
             budget -= granted
         return budget
 
-    def _take_blocks(self, seq: Sequence, hits: list[int], needed: int, output: SchedulerOutput) -> None:
+    def _take_blocks(
+        self, seq: Sequence, hits: list[int], needed: int, output: SchedulerOutput, reads_cache: bool
+    ) -> None:
         self.pool.touch(hits)
         seq.block_ids = hits + self.pool.allocate(needed)
         seq.num_computed_tokens = len(hits) * self.config.block_size
@@ -281,5 +290,6 @@ class Scheduler:
             # Count each prompt once, as vLLM's prefix-cache counters do for new requests.
             seq.admitted_once = True
             seq.num_cached_tokens = seq.num_computed_tokens
-            output.new_prefix_queries += seq.num_prompt_tokens
-            output.new_prefix_hits += seq.num_computed_tokens
+            if reads_cache:
+                output.new_prefix_queries += seq.num_prompt_tokens
+                output.new_prefix_hits += seq.num_computed_tokens

@@ -43,9 +43,11 @@ class FinishReason(str, enum.Enum):
 class EngineRequest:
     """One prompt submitted to the engine core, already tokenised.
 
-    `max_tokens` is resolved against the context length by the caller. `hash_extra` salts the
-    first block's hash (the request's `cache_salt`), so salted prompts never share cache with
-    unsalted ones.
+    `max_tokens` is resolved against the context length by the caller; 0 means score the
+    prompt and finish without sampling. `hash_extra` salts the first block's hash (the
+    request's `cache_salt`), so salted prompts never share cache with unsalted ones.
+    `prompt_logprobs` asks for the raw logprobs of every prompt token after the first, each
+    with that many top alternatives; None asks for none.
     """
 
     request_id: str
@@ -54,6 +56,7 @@ class EngineRequest:
     max_tokens: int
     kv_transfer_params: dict[str, Any] | None = None
     hash_extra: bytes = b""
+    prompt_logprobs: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -62,7 +65,9 @@ class Sequence:
 
     Fields the scheduler changes: `status`, `num_computed_tokens`, `block_ids`,
     `num_cached_tokens` (prefix-cache hit at first admission). Fields the engine loop changes:
-    the generated tokens, finish reason and timestamps.
+    the generated tokens, finish reason, timestamps and `num_prompt_logprobs`, the number of
+    prompt positions (from 0) whose next-token logprobs are computed. It never decreases, so
+    a recompute after preemption scores no prompt token twice.
     """
 
     def __init__(self, request: EngineRequest, index: int, block_size: int, hash_seed: str):
@@ -77,6 +82,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.num_cached_tokens = 0
+        self.num_prompt_logprobs = 0
         self.admitted_once = False
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
@@ -115,6 +121,11 @@ class Sequence:
     def is_finished(self) -> bool:
         """True once the sequence stopped for any reason."""
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """True while prompt logprobs are requested and some prompt token is still unscored."""
+        return self.request.prompt_logprobs is not None and self.num_prompt_logprobs < self.num_prompt_tokens - 1
 
     @property
     def in_prefill(self) -> bool:
