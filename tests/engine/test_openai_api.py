@@ -397,3 +397,213 @@ def test_concurrent_requests_all_complete(base, client):
         results = list(pool.map(lambda p: client.completions.create(model=MODEL, prompt=p, max_tokens=10), prompts))
     assert all(r.usage.completion_tokens <= 10 and r.choices[0].finish_reason for r in results)
     wait_idle(base)
+
+
+# ---------------------------------------------------------------- prompt logprobs
+
+RHYME = "Roses are red, violets are blue, sugar is sweet"
+# Logprobs of one position computed in different batch shapes differ by bfloat16 rounding.
+# A prompt row and the same position computed as a last row differed by up to 0.11 (mean
+# about 0.02) in measurements. Scores shifted by one position differ by whole nats.
+BF16_LOGPROB_ATOL = 0.25
+BF16_LOGPROB_MEAN_ATOL = 0.05
+
+
+def tokenize(base: str, text: str) -> list[int]:
+    return requests.post(f"{base}/tokenize", json={"prompt": text}, timeout=10).json()["tokens"]
+
+
+def detokenize(base: str, token_id: int) -> str:
+    return requests.post(f"{base}/detokenize", json={"tokens": [token_id]}, timeout=10).json()["prompt"]
+
+
+def test_echo_logprobs_cover_prompt_and_output(base, client):
+    ids = tokenize(base, RHYME)
+    echoed = client.completions.create(model=MODEL, prompt=RHYME, max_tokens=5, temperature=0, echo=True, logprobs=3)
+    plain = client.completions.create(model=MODEL, prompt=RHYME, max_tokens=5, temperature=0, logprobs=3)
+    choice = echoed.choices[0]
+    logprobs = choice.logprobs
+    generated = plain.choices[0].logprobs
+
+    assert choice.text == RHYME + plain.choices[0].text
+    assert len(logprobs.tokens) == len(ids) + 5
+    assert len(logprobs.token_logprobs) == len(ids) + 5
+    assert len(logprobs.top_logprobs) == len(ids) + 5
+    assert logprobs.token_logprobs[0] is None
+    assert logprobs.top_logprobs[0] is None
+    assert "".join(logprobs.tokens) == choice.text
+    assert logprobs.text_offset[0] == 0
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    assert logprobs.text_offset[len(ids)] == len(RHYME)
+    assert all(value is not None for value in logprobs.token_logprobs[1:])
+
+    assert logprobs.tokens[len(ids) :] == generated.tokens
+    assert logprobs.token_logprobs[len(ids) :] == pytest.approx(generated.token_logprobs, abs=1e-5)
+    assert logprobs.text_offset[len(ids) :] == [offset + len(RHYME) for offset in generated.text_offset]
+
+    for position in range(1, len(logprobs.tokens)):
+        top = list(logprobs.top_logprobs[position].values())
+        assert 1 <= len(top) <= 3, f"position {position}"
+        assert top == sorted(top, reverse=True), f"position {position}"
+        assert logprobs.token_logprobs[position] <= top[0] + 1e-6, f"position {position}"
+    assert echoed.usage.prompt_tokens == len(ids)
+    assert echoed.usage.completion_tokens == 5
+
+
+def test_echo_logprobs_match_forced_tokens(base, client):
+    ids = tokenize(base, RHYME)
+    echoed = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    scores = echoed.choices[0].logprobs.token_logprobs
+
+    # Reference from the sampling path: logprobs are raw, before logit_bias, so forcing the
+    # next prompt token with a bias reports that token's logprob after each prefix.
+    differences = []
+    for position in range(1, len(ids)):
+        forced = client.completions.create(
+            model=MODEL, prompt=ids[:position], max_tokens=1, temperature=0, logprobs=0,
+            logit_bias={str(ids[position]): 100},
+        )  # fmt: skip
+        assert forced.choices[0].logprobs.tokens[0] == detokenize(base, ids[position])
+        reference = forced.choices[0].logprobs.token_logprobs[0]
+        assert scores[position] == pytest.approx(reference, abs=BF16_LOGPROB_ATOL), f"position {position}"
+        differences.append(abs(scores[position] - reference))
+    assert sum(differences) / len(differences) < BF16_LOGPROB_MEAN_ATOL
+
+
+def test_chunked_prompt_logprobs_match_one_step(client):
+    from llmisvc.engine.model_runner import ModelRunner, PromptLogprobsRequest, StepInput
+
+    # 150 tokens take three steps at the engine's 64-token budget.
+    ids = long_prompt_ids(150, offset=31)
+    served = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=2).choices[0].logprobs
+
+    runner = ModelRunner("smollm2", dtype="bfloat16", num_blocks=16, threads=1)
+    request = PromptLogprobsRequest(0, ids[1:], 2)
+    whole = runner.execute_step([StepInput("one-step", ids, 0, list(range(10)), request)]).prompt_logprobs["one-step"]
+
+    assert len(served.token_logprobs) == 150
+    assert served.token_logprobs[1:] == pytest.approx(whole.logprobs, abs=1e-2)
+    served_top = [max(top.values()) for top in served.top_logprobs[1:]]
+    assert served_top == pytest.approx([values[0] for values in whole.top_logprobs], abs=1e-2)
+
+
+def test_cached_prompt_gets_full_prompt_logprobs(base, client):
+    ids = long_prompt_ids(100, offset=37)
+    client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0)
+
+    before = metrics(base)
+    first = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    second = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    after = metrics(base)
+    plain = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0)
+
+    for result in (first, second):
+        logprobs = result.choices[0].logprobs
+        assert result.usage.prompt_tokens_details.cached_tokens == 0
+        assert len(logprobs.token_logprobs) == 102
+        assert all(value is not None for value in logprobs.token_logprobs[1:])
+    assert second.choices[0].logprobs.token_logprobs == first.choices[0].logprobs.token_logprobs
+    # Requests that may not read the cache are not prefix-cache queries, as in vLLM.
+    assert after["vllm:prefix_cache_queries_total{}"] == before["vllm:prefix_cache_queries_total{}"]
+    assert after["vllm:prompt_tokens_total{}"] - before["vllm:prompt_tokens_total{}"] == 200
+    assert plain.usage.prompt_tokens_details.cached_tokens == 96
+
+
+def test_echo_max_tokens_zero_scores_prompt(base, client):
+    ids = tokenize(base, RHYME)
+    result = client.completions.create(model=MODEL, prompt=RHYME, max_tokens=0, echo=True, logprobs=1)
+    choice = result.choices[0]
+    assert choice.text == RHYME
+    assert choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == len(ids)
+    assert choice.logprobs.token_logprobs[0] is None
+    assert result.usage.completion_tokens == 0
+    assert result.usage.prompt_tokens == len(ids)
+
+    streamed = list(client.completions.create(model=MODEL, prompt=RHYME, max_tokens=0, echo=True, logprobs=1, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == RHYME
+    assert streamed[0].choices[0].logprobs.token_logprobs == choice.logprobs.token_logprobs
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+def test_streamed_echo_logprobs_match_response(client):
+    options = dict(model=MODEL, prompt=RHYME, max_tokens=4, temperature=0, echo=True, logprobs=1, n=2)
+    plain = client.completions.create(**options)
+    chunks = list(client.completions.create(**options, stream=True))
+
+    for choice in plain.choices:
+        mine = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].index == choice.index]
+        # The first chunk echoes the prompt with its logprobs, before any generated token.
+        assert mine[0].text == RHYME
+        assert mine[0].logprobs.token_logprobs[0] is None
+        assert "".join(mine[0].logprobs.tokens) == RHYME
+        with_logprobs = [c.logprobs for c in mine if c.logprobs is not None and c.logprobs.tokens]
+        assert [t for lp in with_logprobs for t in lp.tokens] == choice.logprobs.tokens
+        assert [v for lp in with_logprobs for v in lp.token_logprobs] == choice.logprobs.token_logprobs
+        assert [o for lp in with_logprobs for o in lp.text_offset] == choice.logprobs.text_offset
+        assert "".join(c.text for c in mine) == choice.text
+
+
+def test_echo_logprobs_with_n_and_prompt_lists(base, client):
+    prompts = [tokenize(base, "One two three"), tokenize(base, "Four five six seven")]
+    result = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2, temperature=0, echo=True, logprobs=1, n=2)
+    choices = sorted(result.choices, key=lambda c: c.index)
+    assert [c.index for c in choices] == [0, 1, 2, 3]
+    for choice in choices:
+        ids = prompts[choice.index // 2]
+        assert len(choice.logprobs.tokens) == len(ids) + 2
+        assert choice.logprobs.token_logprobs[0] is None
+    for first, second in ((choices[0], choices[1]), (choices[2], choices[3])):
+        count = len(prompts[first.index // 2])
+        assert first.logprobs.token_logprobs[:count] == second.logprobs.token_logprobs[:count]
+    assert result.usage.prompt_tokens == len(prompts[0]) + len(prompts[1])
+    assert result.usage.completion_tokens == 8
+
+
+def test_prompt_logprobs_on_chat_and_completion(base):
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    chat = requests.post(f"{base}/v1/chat/completions", json=body, timeout=120).json()
+    listed = chat["prompt_logprobs"]
+    ids = requests.post(f"{base}/tokenize", json={"messages": messages}, timeout=10).json()["tokens"]
+    assert "prompt_logprobs" not in chat["choices"][0]
+    assert len(listed) == chat["usage"]["prompt_tokens"] == len(ids)
+    assert listed[0] is None
+    for position, entries in enumerate(listed[1:], start=1):
+        token = str(ids[position])
+        assert token in entries, f"position {position}"
+        assert 1 <= len(entries) <= 3
+        assert entries[token]["rank"] >= 1
+        assert set(entries[token]) == {"logprob", "rank", "decoded_token"}
+        ranks = sorted(entry["rank"] for key, entry in entries.items() if key != token)
+        assert ranks == [1, 2] or ranks == [1] or ranks == [2]
+
+    completion = requests.post(
+        f"{base}/v1/completions",
+        json={"model": MODEL, "prompt": RHYME, "max_tokens": 1, "prompt_logprobs": 0, "echo": True, "logprobs": 0},
+        timeout=120,
+    ).json()
+    choice = completion["choices"][0]
+    rhyme_ids = tokenize(base, RHYME)
+    assert len(choice["prompt_logprobs"]) == len(rhyme_ids)
+    for position in range(1, len(rhyme_ids)):
+        entries = choice["prompt_logprobs"][position]
+        assert list(entries) == [str(rhyme_ids[position])]
+        assert entries[str(rhyme_ids[position])]["logprob"] == choice["logprobs"]["token_logprobs"][position]
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": "2"}, "prompt_logprobs"),
+        ({"prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"echo": True, "logprobs": 21}, "logprobs"),
+    ],
+)
+def test_prompt_logprobs_bad_values_400(base, fields, param):
+    response = requests.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x", **fields}, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param

@@ -121,9 +121,68 @@ def test_harmless_chat_fields_accepted():
     assert request.model == "m"
 
 
-def test_completion_rejects_suffix_and_echo_logprobs():
+def test_completion_rejects_suffix():
     assert rejected_param(completion, suffix="x") == "suffix"
-    assert rejected_param(completion, echo=True, logprobs=2) == "logprobs"
+
+
+def test_echo_accepts_logprobs_and_zero_max_tokens():
+    request = completion(echo=True, logprobs=2, max_tokens=0)
+    assert request.echo is True
+    assert request.options.logprobs == 2
+    assert request.options.max_tokens == 0
+    assert request.options.prompt_logprobs is None
+
+
+def test_zero_max_tokens_needs_echo():
+    assert rejected_param(completion, max_tokens=0) == "max_tokens"
+    assert rejected_param(chat, max_tokens=0) == "max_tokens"
+    assert rejected_param(chat, max_completion_tokens=0) == "max_completion_tokens"
+
+
+def test_prompt_logprobs_parsed():
+    assert completion(prompt_logprobs=3).options.prompt_logprobs == 3
+    assert completion(prompt_logprobs=0).options.prompt_logprobs == 0
+    assert chat(prompt_logprobs=20).options.prompt_logprobs == 20
+    assert chat().options.prompt_logprobs is None
+
+
+def test_streamed_prompt_logprobs_zero_is_ignored():
+    assert completion(stream=True, prompt_logprobs=0).options.prompt_logprobs is None
+    assert chat(stream=True, prompt_logprobs=0).options.prompt_logprobs is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt_logprobs": -1},
+        {"prompt_logprobs": 21},
+        {"prompt_logprobs": -2},
+        {"prompt_logprobs": "3"},
+        {"prompt_logprobs": True},
+        {"prompt_logprobs": 1.5},
+        {"prompt_logprobs": 2, "stream": True},
+    ],
+)
+def test_invalid_prompt_logprobs_rejected(fields):
+    assert rejected_param(completion, **fields) == "prompt_logprobs"
+    assert rejected_param(chat, **fields) == "prompt_logprobs"
+
+
+def test_prompt_logprob_position_shape():
+    position = openai.prompt_logprob_position([(7, -2.5, 3, " b"), (9, -0.5, 1, " a"), (7, -2.5, 2, " b")])
+    assert list(position) == ["7", "9"]
+    assert position["7"] == {"logprob": -2.5, "rank": 3, "decoded_token": " b"}
+    assert position["9"] == {"logprob": -0.5, "rank": 1, "decoded_token": " a"}
+
+
+def test_prompt_logprobs_placement():
+    plain = openai.completion_choice(0, "x", "length")
+    assert "prompt_logprobs" not in plain
+    listed = [None, {"5": {"logprob": -1.0, "rank": 1, "decoded_token": "x"}}]
+    assert openai.completion_choice(0, "x", "length", prompt_logprobs=listed)["prompt_logprobs"] == listed
+    usage = openai.usage(2, 1)
+    assert "prompt_logprobs" not in openai.chat_response("id", 0, "m", [], usage)
+    assert openai.chat_response("id", 0, "m", [], usage, prompt_logprobs=listed)["prompt_logprobs"] == listed
 
 
 def test_messages_validation():

@@ -151,6 +151,37 @@ def test_unimplemented_fields_still_400(sims):
     assert tools.value.body["param"] == "tools"
 
 
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"echo": True, "logprobs": 2}, "logprobs"),
+        ({"echo": True, "max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_prompt_scoring_400(sims, fields, param):
+    # Simulated tokens have no model to score a prompt with.
+    port, _, _ = sims
+    response = requests.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "sim", "prompt": "x", **fields}, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_chat_prompt_logprobs_400(sims):
+    port, _, _ = sims
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(port).chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=2, extra_body={"prompt_logprobs": 0}
+        )
+    assert info.value.body["param"] == "prompt_logprobs"
+
+
+def test_echo_with_zero_logprobs_still_served(sims):
+    port, _, _ = sims
+    completion = _client(port).completions.create(model="sim", prompt="x", max_tokens=2, echo=True, logprobs=0)
+    assert completion.choices[0].finish_reason == "length"
+
+
 def test_tokenize_counts_four_chars(sims):
     port, _, _ = sims
     body = requests.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "abcdefghi"}, timeout=5).json()

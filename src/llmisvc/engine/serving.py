@@ -5,6 +5,11 @@ Turns a validated request into tokenised `EngineRequest`s, runs them through
 OpenAI's shapes (`llmisvc.protocol.openai`). Choice indexes are prompt-major: prompt `p`,
 choice `i` of `n` has index `p * n + i`. A client that disconnects cancels the handler, which
 closes the engine stream and aborts the request.
+
+Prompt logprobs appear in two places. A completion with `echo` and `logprobs` lists the
+prompt tokens before the generated ones in its `logprobs` (the first prompt token with null
+values). vLLM's `prompt_logprobs` list is added to each completion choice, or once to a chat
+response, when the request sets `prompt_logprobs` or (as vLLM does) echoes with `logprobs`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 from aiohttp import web
 
 from llmisvc.engine.llm_engine import LLMEngine, RequestOutput, SequenceDelta
+from llmisvc.engine.sampler import PromptLogprobs
 from llmisvc.engine.sequence import EngineRequest
+from llmisvc.engine.tokenizer import IncrementalDetokenizer
 from llmisvc.protocol import openai
 from llmisvc.protocol.errors import APIError, BadRequestError
 from llmisvc.protocol.openai import ChatCompletionRequest, CompletionRequest, SamplingOptions
@@ -30,16 +37,21 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 @dataclass
 class _Choice:
-    """Accumulated output of one choice for a non-streamed response."""
+    """Accumulated output of one choice for a non-streamed response.
+
+    The logprob lists contain None for the first prompt token of an echo. `prompt_logprobs`
+    is vLLM's list, set when the request calls for it.
+    """
 
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprob_tokens: list[str] = field(default_factory=list)
-    logprob_values: list[float] = field(default_factory=list)
-    logprob_tops: list[list[tuple[str, float]]] = field(default_factory=list)
+    logprob_values: list[float | None] = field(default_factory=list)
+    logprob_tops: list[list[tuple[str, float]] | None] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)
     length: int = 0
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class OpenAIServing:
@@ -52,6 +64,9 @@ class OpenAIServing:
         # A token id past the model's embedding table would fail the whole engine step, so
         # prompts are checked against the smaller of the two vocabularies.
         self._vocab_size = min(self.tokenizer.vocab_size, engine.runner.config.vocab_size)
+        # Decoded text of single tokens (at most one entry per vocabulary token), because
+        # prompt logprobs decode thousands of them per request.
+        self._token_texts: dict[int, str] = {}
 
     # ------------------------------------------------------------------ entry points
 
@@ -129,6 +144,7 @@ class OpenAIServing:
         param: str = "prompt",
     ) -> list[EngineRequest]:
         salt = request.cache_salt.encode("utf-8") if request.cache_salt else b""
+        prompt_logprobs = _engine_prompt_logprobs(request)
         requests = []
         for i, ids in enumerate(prompts):
             max_tokens = self.engine.resolve_max_tokens(len(ids), options.max_tokens, param)
@@ -141,6 +157,7 @@ class OpenAIServing:
                     max_tokens=max_tokens,
                     kv_transfer_params=request.kv_transfer_params,
                     hash_extra=salt,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
         return requests
@@ -163,12 +180,21 @@ class OpenAIServing:
                 choice.text.append(echo[index // n])
                 choice.length = len(echo[index // n])
 
+        echo_top = request.options.logprobs if echo is not None else None
+        listed_top = _listed_prompt_logprobs(request)
         last: RequestOutput | None = None
         async with contextlib.aclosing(self.engine.generate(engine_requests)) as stream:
             async for output in stream:
                 last = output
                 for delta in output.deltas:
-                    self._accumulate(choices[delta.prompt_index * n + delta.index], delta)
+                    choice = choices[delta.prompt_index * n + delta.index]
+                    if delta.prompt_logprobs is not None:
+                        prompt_ids = engine_requests[delta.prompt_index].prompt_token_ids
+                        if echo_top is not None:
+                            self._add_echo_logprobs(choice, prompt_ids, delta.prompt_logprobs, echo_top)
+                        if listed_top is not None:
+                            choice.prompt_logprobs = self._listed_logprobs(prompt_ids, delta.prompt_logprobs, listed_top)
+                    self._accumulate(choice, delta)
 
         created = openai.now()
         usage = openai.usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
@@ -190,6 +216,7 @@ class OpenAIServing:
                 ],
                 usage,
                 last.kv_transfer_params,
+                choices[0].prompt_logprobs,
             )
         else:
             body = openai.completion_response(
@@ -203,6 +230,7 @@ class OpenAIServing:
                         c.finish_reason,
                         c.stop_reason,
                         self._completion_logprobs(c) if logprobs_on else None,
+                        c.prompt_logprobs,
                     )
                     for index, c in sorted(choices.items())
                 ],
@@ -244,13 +272,15 @@ class OpenAIServing:
         created = openai.now()
         num_choices = len(engine_requests) * n
         offsets = [len(echo[i // n]) if echo else 0 for i in range(num_choices)]
+        # An echo with logprobs waits for the prompt's logprobs, which come with the first delta.
+        echo_waiting = set(range(num_choices)) if echo and request.options.logprobs is not None else set()
 
         first = []
         for index in range(num_choices):
             if chat:
                 delta = {"role": "assistant", "content": ""}
                 first.append(openai.sse(openai.chat_chunk(request_id, created, request.model, [openai.chat_chunk_choice(index, delta)])))
-            elif echo:
+            elif echo and index not in echo_waiting:
                 choice = openai.completion_choice(index, echo[index // n], None)
                 first.append(openai.sse(openai.completion_chunk(request_id, created, request.model, [choice])))
         if first:
@@ -265,6 +295,10 @@ class OpenAIServing:
                         usage = openai.usage(output.num_prompt_tokens, output.num_output_tokens, output.num_cached_tokens)
                     for delta in output.deltas:
                         index = delta.prompt_index * n + delta.index
+                        if index in echo_waiting:
+                            echo_waiting.discard(index)
+                            prompt_ids = engine_requests[delta.prompt_index].prompt_token_ids
+                            events.append(self._echo_chunk(request_id, created, request, index, echo[index // n], prompt_ids, delta))
                         if not delta.text and delta.finish_reason is None and not delta.logprobs:
                             continue
                         events.append(self._chunk(request_id, created, request, delta, index, offsets, chat, usage))
@@ -310,10 +344,60 @@ class OpenAIServing:
         choice = openai.completion_choice(index, delta.text, delta.finish_reason, delta.stop_reason, logprobs)
         return openai.sse(openai.completion_chunk(request_id, created, request.model, [choice], usage))
 
+    def _echo_chunk(
+        self,
+        request_id: str,
+        created: int,
+        request: CompletionRequest,
+        index: int,
+        echo_text: str,
+        prompt_ids: list[int],
+        delta: SequenceDelta,
+    ) -> bytes:
+        """Return the chunk that echoes a choice's prompt with the prompt's logprobs."""
+        partial = _Choice()
+        if delta.prompt_logprobs is not None:
+            self._add_echo_logprobs(partial, prompt_ids, delta.prompt_logprobs, request.options.logprobs or 0)
+        choice = openai.completion_choice(index, echo_text, None, None, self._completion_logprobs(partial))
+        return openai.sse(openai.completion_chunk(request_id, created, request.model, [choice]))
+
     # ------------------------------------------------------------------ logprobs
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _add_echo_logprobs(self, choice: _Choice, prompt_ids: list[int], scored: PromptLogprobs, top: int) -> None:
+        """Append the prompt's tokens to `choice`'s logprob lists, with up to `top` alternatives each.
+
+        The first prompt token has no logprob (None). Text offsets index the decoded prompt,
+        and a token that ends inside a multi-byte character starts where that character does.
+        """
+        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
+        for position, token_id in enumerate(prompt_ids):
+            choice.text_offsets.append(len(detokenizer.text))
+            detokenizer.add([token_id])
+            choice.logprob_tokens.append(self._token_text(token_id))
+            if position == 0:
+                choice.logprob_values.append(None)
+                choice.logprob_tops.append(None)
+                continue
+            entry = position - 1
+            choice.logprob_values.append(scored.logprobs[entry])
+            alternatives = zip(scored.top_ids[entry][:top], scored.top_logprobs[entry][:top])
+            choice.logprob_tops.append([(self._token_text(t), lp) for t, lp in alternatives])
+
+    def _listed_logprobs(self, prompt_ids: list[int], scored: PromptLogprobs, top: int) -> list[dict[str, Any] | None]:
+        """Return vLLM's `prompt_logprobs` list: None, then each later prompt token and its `top` alternatives."""
+        positions: list[dict[str, Any] | None] = [None]
+        for entry, token_id in enumerate(prompt_ids[1:]):
+            alternatives = zip(scored.top_ids[entry][:top], scored.top_logprobs[entry][:top])
+            entries = [(token_id, scored.logprobs[entry], scored.ranks[entry], self._token_text(token_id))]
+            entries.extend((t, lp, rank, self._token_text(t)) for rank, (t, lp) in enumerate(alternatives, start=1))
+            positions.append(openai.prompt_logprob_position(entries))
+        return positions
 
     def _chat_entry(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, Any]:
         return openai.chat_logprob_entry(
@@ -332,9 +416,34 @@ class OpenAIServing:
         return openai.completion_logprobs(
             choice.logprob_tokens,
             choice.logprob_values,
-            [dict(top) for top in choice.logprob_tops],
+            [None if top is None else dict(top) for top in choice.logprob_tops],
             choice.text_offsets,
         )
+
+
+def _engine_prompt_logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Return how many alternatives the engine scores per prompt token, or None to score none.
+
+    An echo with `logprobs` and vLLM's `prompt_logprobs` may both ask; the larger count serves both.
+    """
+    counts = [request.options.prompt_logprobs]
+    if getattr(request, "echo", False):
+        counts.append(request.options.logprobs)
+    counts = [count for count in counts if count is not None]
+    return max(counts) if counts else None
+
+
+def _listed_prompt_logprobs(request: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Return the alternatives per token of vLLM's `prompt_logprobs` list, or None for no list.
+
+    vLLM lists prompt logprobs whenever it computes them, so an echo with `logprobs` gets the
+    list too, with that count, unless `prompt_logprobs` sets its own.
+    """
+    if request.options.prompt_logprobs is not None:
+        return request.options.prompt_logprobs
+    if getattr(request, "echo", False):
+        return request.options.logprobs
+    return None
 
 
 def _passthrough_headers(http_request: web.Request) -> dict[str, str]:

@@ -49,6 +49,7 @@ _COMMON_KEYS = frozenset(
         "repetition_penalty",
         "logit_bias",
         "logprobs",
+        "prompt_logprobs",
         "skip_special_tokens",
         "spaces_between_special_tokens",
         "user",
@@ -64,7 +65,6 @@ _COMMON_KEYS = frozenset(
         "guided_choice",
         "guided_grammar",
         "structured_outputs",
-        "prompt_logprobs",
         "use_beam_search",
         "length_penalty",
         "lora_request",
@@ -105,9 +105,11 @@ CHAT_FIELDS = _CHAT_KEYS
 class SamplingOptions:
     """Generation parameters of one request, validated and defaulted.
 
-    `max_tokens` None means "until the context is full". `logprobs` is the number of top
+    `max_tokens` None means "until the context is full", and 0 (completions with `echo`
+    only) scores the prompt without generating. `logprobs` is the number of top
     alternatives to return per token (0 returns only the sampled token's logprob), None
-    returns none. `logit_bias` maps token ids to additive biases.
+    returns none. `prompt_logprobs` (vLLM's extension) is the same count for every prompt
+    token after the first. `logit_bias` maps token ids to additive biases.
     """
 
     max_tokens: int | None = None
@@ -127,6 +129,7 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
 
@@ -194,9 +197,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     options = _parse_options(body, chat=False)
     stream, include_usage, continuous = _parse_stream(body)
     echo = _bool(body, "echo", False)
-    if echo and options.logprobs is not None and options.logprobs > 0:
-        # Prompt logprobs need logits at every prompt position, which the engines do not keep.
-        raise _unsupported("logprobs", "logprobs together with echo")
+    if options.max_tokens == 0 and not echo:
+        raise BadRequestError("max_tokens must be at least 1 unless echo is true, got 0", param="max_tokens")
 
     return CompletionRequest(
         model=_model(body),
@@ -309,7 +311,7 @@ def _parse_options(body: dict[str, Any], *, chat: bool) -> SamplingOptions:
         raise _unsupported("best_of", "best_of different from n")
     if body.get("use_beam_search"):
         raise _unsupported("use_beam_search", "beam search")
-    for param in ("prompt_logprobs", "length_penalty", "lora_request"):
+    for param in ("length_penalty", "lora_request"):
         if body.get(param) is not None:
             raise _unsupported(param)
     if body.get("priority") not in (None, 0):
@@ -335,6 +337,7 @@ def _parse_options(body: dict[str, Any], *, chat: bool) -> SamplingOptions:
         repetition_penalty=_float(body, "repetition_penalty", 1.0, minimum=0.0, exclusive_minimum=True),
         logit_bias=_parse_logit_bias(body.get("logit_bias")),
         logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
+        prompt_logprobs=_prompt_logprobs(body),
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
     )
     if options.max_tokens is not None and options.min_tokens > options.max_tokens:
@@ -356,10 +359,13 @@ def _reject_structured_output(body: dict[str, Any]) -> None:
 
 
 def _max_tokens(body: dict[str, Any], chat: bool) -> int | None:
-    """Return the output token cap; chat prefers max_completion_tokens over the deprecated max_tokens."""
+    """Return the output token cap; chat prefers max_completion_tokens over the deprecated max_tokens.
+
+    Completions accept 0 here; `parse_completion_request` allows it only with `echo`.
+    """
     if chat and body.get("max_completion_tokens") is not None:
         return _optional_int(body, "max_completion_tokens", minimum=1)
-    value = _optional_int(body, "max_tokens", minimum=1)
+    value = _optional_int(body, "max_tokens", minimum=1 if chat else 0)
     if value is not None:
         return value
     return None if chat else DEFAULT_COMPLETION_MAX_TOKENS
@@ -373,6 +379,35 @@ def _completion_logprobs(body: dict[str, Any]) -> int | None:
         raise BadRequestError("logprobs must be an integer for completions", param="logprobs")
     if not 0 <= value <= MAX_TOP_LOGPROBS:
         raise BadRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", param="logprobs")
+    return value
+
+
+def _prompt_logprobs(body: dict[str, Any]) -> int | None:
+    """Return vLLM's `prompt_logprobs` count, or None when a response cannot carry it.
+
+    vLLM's -1 (the whole vocabulary) is rejected like any count above MAX_TOP_LOGPROBS,
+    which is also vLLM's default `--max-logprobs`. Streamed responses have no field for
+    prompt logprobs, so a stream may ask for 0 (accepted and ignored, as vLLM does) but
+    not more.
+    """
+    value = body.get("prompt_logprobs")
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise BadRequestError(f"prompt_logprobs must be an integer, got {value!r}", param="prompt_logprobs")
+    if value == -1:
+        raise BadRequestError(
+            f"prompt_logprobs -1 (the whole vocabulary) is not supported; use a count from 0 to {MAX_TOP_LOGPROBS}",
+            param="prompt_logprobs",
+        )
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequestError(
+            f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {value}", param="prompt_logprobs"
+        )
+    if body.get("stream"):
+        if value > 0:
+            raise BadRequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+        return None
     return value
 
 
@@ -662,15 +697,23 @@ def completion_choice(
     finish_reason: str | None,
     stop_reason: int | str | None = None,
     logprobs: dict[str, Any] | None = None,
+    prompt_logprobs: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
-    """Build one choice of a completion response or chunk."""
-    return {
+    """Build one choice of a completion response or chunk.
+
+    `prompt_logprobs` (from `prompt_logprob_position`) is added only when given, on the
+    choice as vLLM places it for completions.
+    """
+    choice = {
         "index": index,
         "text": text,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
         "stop_reason": stop_reason,
     }
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs
+    return choice
 
 
 def completion_response(
@@ -720,9 +763,16 @@ def chat_response(
     choices: list[dict[str, Any]],
     usage_body: dict[str, Any],
     kv_transfer_params: dict[str, Any] | None = None,
+    prompt_logprobs: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
-    """Build a non-streamed `/v1/chat/completions` response."""
-    return _response("chat.completion", request_id, created, model, choices, usage_body, kv_transfer_params)
+    """Build a non-streamed `/v1/chat/completions` response.
+
+    `prompt_logprobs` is added only when given, at the top level as vLLM places it for chat.
+    """
+    body = _response("chat.completion", request_id, created, model, choices, usage_body, kv_transfer_params)
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
+    return body
 
 
 def chat_chunk_choice(
@@ -766,6 +816,20 @@ def completion_logprobs(
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
     }
+
+
+def prompt_logprob_position(entries: list[tuple[int, float, int, str]]) -> dict[str, dict[str, Any]]:
+    """Build one position of vLLM's `prompt_logprobs` list from (token id, logprob, rank, text) entries.
+
+    The result maps each token id, as a string key, to its logprob, its vocabulary rank
+    (1 is the most likely token) and its decoded text. Pass the prompt token first and then
+    its top alternatives, as vLLM orders them. An id listed twice keeps its first entry.
+    The list itself has None for the first prompt token, which has no logprob.
+    """
+    position: dict[str, dict[str, Any]] = {}
+    for token_id, logprob, rank, text in entries:
+        position.setdefault(str(token_id), {"logprob": logprob, "rank": rank, "decoded_token": text})
+    return position
 
 
 def chat_logprob_entry(token: str, logprob: float, top: list[tuple[str, float]]) -> dict[str, Any]:

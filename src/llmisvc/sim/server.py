@@ -5,8 +5,11 @@ Routes: `POST /v1/completions`, `POST /v1/chat/completions` (streaming and usage
 `POST /tokenize`, `POST /detokenize`, plus simulator-only `GET /sim/state` (true cache contents and load, for
 oracle policies) and `POST /sim/kv/release` (a decode replica frees blocks it pulled).
 Request bodies are validated by `llmisvc.protocol.openai`, so errors match the engine's.
-One difference: top-level fields the protocol does not define are ignored and logged at debug
-level, as vLLM does, so routers that add their own fields work against the simulator.
+Two differences from the engine remain. Top-level fields the protocol does not define are
+ignored and logged at debug level, as vLLM does, so routers that add their own fields work
+against the simulator. Requests for prompt logprobs (`prompt_logprobs`, `echo` with
+`logprobs` above 0, `echo` with `max_tokens` 0) are rejected with 400, because simulated
+tokens have no model to score them.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class SimServer:
         try:
             body = _drop_unknown_fields(openai.parse_json_body(await request.read()), _COMPLETION_FIELDS, request.path)
             parsed = openai.parse_completion_request(body)
+            _reject_prompt_scoring(parsed)
             self._check_model(parsed.model)
             prompts = []
             for prompt in parsed.prompts:
@@ -129,6 +133,7 @@ class SimServer:
         try:
             body = _drop_unknown_fields(openai.parse_json_body(await request.read()), _CHAT_FIELDS, request.path)
             parsed = openai.parse_chat_request(body)
+            _reject_prompt_scoring(parsed)
             self._check_model(parsed.model)
             text = self.renderer.render(parsed.messages, parsed.add_generation_prompt)
         except APIError as exc:
@@ -276,6 +281,19 @@ class SimServer:
             task.cancel()
         if self._client is not None:
             await self._client.close()
+
+
+def _reject_prompt_scoring(parsed: openai.CompletionRequest | openai.ChatCompletionRequest) -> None:
+    """Raise BadRequestError, naming the parameter, for requests that need prompt logprobs."""
+    options = parsed.options
+    if options.prompt_logprobs is not None:
+        raise BadRequestError("prompt_logprobs is not supported by the simulator", param="prompt_logprobs")
+    if not getattr(parsed, "echo", False):
+        return
+    if options.logprobs:
+        raise BadRequestError("logprobs together with echo is not supported by the simulator", param="logprobs")
+    if options.max_tokens == 0:
+        raise BadRequestError("max_tokens 0 (scoring the echoed prompt) is not supported by the simulator", param="max_tokens")
 
 
 def _usage(sims: list[SimRequest]) -> dict[str, Any]:
