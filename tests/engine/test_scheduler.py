@@ -141,12 +141,16 @@ def test_fully_cached_prompt_still_computes_last_token():
     assert done["again"] == 4
 
 
+def cache_prompt(scheduler: Scheduler, seq: Sequence) -> None:
+    """Prefill `seq` in one step and remove it, leaving its full blocks in the prefix cache."""
+    scheduler.add(seq)
+    run_step(scheduler)
+    scheduler.remove(seq)
+
+
 def test_prompt_logprobs_skip_cache_reads():
     scheduler = make_scheduler()
-    first = make_seq(range(10), "first")
-    scheduler.add(first)
-    run_step(scheduler)
-    scheduler.remove(first)
+    cache_prompt(scheduler, make_seq(range(10), "first"))
 
     scored = make_seq(range(10), "scored", prompt_logprobs=2)
     scheduler.add(scored)
@@ -157,9 +161,12 @@ def test_prompt_logprobs_skip_cache_reads():
     assert plan.new_prefix_queries == 0
     assert plan.new_prefix_hits == 0
 
-    # Its blocks are still stored, so a later plain request hits them.
-    scheduler.remove(scored)
-    plain = make_seq(range(10), "plain")
+
+def test_prompt_logprobs_still_store_blocks():
+    scheduler = make_scheduler()
+    cache_prompt(scheduler, make_seq(range(50, 60), "scored", prompt_logprobs=1))
+
+    plain = make_seq(range(50, 60), "plain")
     scheduler.add(plain)
     run_step(scheduler)
     assert plain.num_cached_tokens == 8
@@ -167,10 +174,7 @@ def test_prompt_logprobs_skip_cache_reads():
 
 def test_preempted_scoring_reads_only_scored_blocks():
     scheduler = make_scheduler()
-    owner = make_seq(range(20), "owner")
-    scheduler.add(owner)
-    run_step(scheduler)
-    scheduler.remove(owner)
+    cache_prompt(scheduler, make_seq(range(20), "owner"))
 
     # Preempted after its first chunk scored positions 0..8: blocks 0 and 1 may be read.
     scored = make_seq(range(20), "scored", prompt_logprobs=0)
