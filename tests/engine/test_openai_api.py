@@ -402,10 +402,12 @@ def test_concurrent_requests_all_complete(base, client):
 # ---------------------------------------------------------------- prompt logprobs
 
 RHYME = "Roses are red, violets are blue, sugar is sweet"
-# Logprobs of one position computed in different batch shapes differ by bfloat16 rounding.
-# A prompt row and the same position computed as a last row differed by up to 0.11 (mean
-# about 0.02) in measurements. Scores shifted by one position differ by whole nats.
-BF16_LOGPROB_ATOL = 0.25
+# Logprobs of one position computed in different batch shapes, or with other kernels, differ
+# by bfloat16 rounding, more for unlikely tokens: up to 0.11 near -3.5 and 0.3 near -19.7
+# were measured. The engine picks its bfloat16 kernels by timing them at load, so it and a
+# runner in the test process may round differently. Scores one position off differ by nats.
+BF16_LOGPROB_ATOL = 0.1
+BF16_LOGPROB_RTOL = 0.03
 BF16_LOGPROB_MEAN_ATOL = 0.05
 
 
@@ -415,6 +417,14 @@ def tokenize(base: str, text: str) -> list[int]:
 
 def detokenize(base: str, token_id: int) -> str:
     return requests.post(f"{base}/detokenize", json={"tokens": [token_id]}, timeout=10).json()["prompt"]
+
+
+def assert_bf16_scores_close(got: list[float], expected: list[float]) -> None:
+    assert len(got) == len(expected)
+    for position, (value, reference) in enumerate(zip(got, expected)):
+        assert value == pytest.approx(reference, rel=BF16_LOGPROB_RTOL, abs=BF16_LOGPROB_ATOL), f"entry {position}"
+    mean = sum(abs(value - reference) for value, reference in zip(got, expected)) / len(got)
+    assert mean < BF16_LOGPROB_MEAN_ATOL
 
 
 def test_echo_logprobs_cover_prompt_and_output(base, client):
@@ -457,17 +467,15 @@ def test_echo_logprobs_match_forced_tokens(base, client):
 
     # Reference from the sampling path: logprobs are raw, before logit_bias, so forcing the
     # next prompt token with a bias reports that token's logprob after each prefix.
-    differences = []
+    references = []
     for position in range(1, len(ids)):
         forced = client.completions.create(
             model=MODEL, prompt=ids[:position], max_tokens=1, temperature=0, logprobs=0,
             logit_bias={str(ids[position]): 100},
         )  # fmt: skip
         assert forced.choices[0].logprobs.tokens[0] == detokenize(base, ids[position])
-        reference = forced.choices[0].logprobs.token_logprobs[0]
-        assert scores[position] == pytest.approx(reference, abs=BF16_LOGPROB_ATOL), f"position {position}"
-        differences.append(abs(scores[position] - reference))
-    assert sum(differences) / len(differences) < BF16_LOGPROB_MEAN_ATOL
+        references.append(forced.choices[0].logprobs.token_logprobs[0])
+    assert_bf16_scores_close(scores[1:], references)
 
 
 def test_chunked_prompt_logprobs_match_one_step(client):
@@ -482,9 +490,9 @@ def test_chunked_prompt_logprobs_match_one_step(client):
     whole = runner.execute_step([StepInput("one-step", ids, 0, list(range(10)), request)]).prompt_logprobs["one-step"]
 
     assert len(served.token_logprobs) == 150
-    assert served.token_logprobs[1:] == pytest.approx(whole.logprobs, abs=1e-2)
+    assert_bf16_scores_close(served.token_logprobs[1:], whole.logprobs)
     served_top = [max(top.values()) for top in served.top_logprobs[1:]]
-    assert served_top == pytest.approx([values[0] for values in whole.top_logprobs], abs=1e-2)
+    assert_bf16_scores_close(served_top, [values[0] for values in whole.top_logprobs])
 
 
 def test_cached_prompt_gets_full_prompt_logprobs(base, client):
