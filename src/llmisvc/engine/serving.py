@@ -191,7 +191,8 @@ class OpenAIServing:
                     if delta.prompt_logprobs is not None:
                         prompt_ids = engine_requests[delta.prompt_index].prompt_token_ids
                         if echo_top is not None:
-                            self._add_echo_logprobs(choice, prompt_ids, delta.prompt_logprobs, echo_top)
+                            echo_text = echo[delta.prompt_index]
+                            self._add_echo_logprobs(choice, prompt_ids, echo_text, delta.prompt_logprobs, echo_top)
                         if listed_top is not None:
                             choice.prompt_logprobs = self._listed_logprobs(prompt_ids, delta.prompt_logprobs, listed_top)
                     self._accumulate(choice, delta)
@@ -357,7 +358,8 @@ class OpenAIServing:
         """Return the chunk that echoes a choice's prompt with the prompt's logprobs."""
         partial = _Choice()
         if delta.prompt_logprobs is not None:
-            self._add_echo_logprobs(partial, prompt_ids, delta.prompt_logprobs, request.options.logprobs or 0)
+            top = request.options.logprobs or 0
+            self._add_echo_logprobs(partial, prompt_ids, echo_text, delta.prompt_logprobs, top)
         choice = openai.completion_choice(index, echo_text, None, None, self._completion_logprobs(partial))
         return openai.sse(openai.completion_chunk(request_id, created, request.model, [choice]))
 
@@ -369,13 +371,18 @@ class OpenAIServing:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
-    def _add_echo_logprobs(self, choice: _Choice, prompt_ids: list[int], scored: PromptLogprobs, top: int) -> None:
+    def _add_echo_logprobs(
+        self, choice: _Choice, prompt_ids: list[int], echo_text: str, scored: PromptLogprobs, top: int
+    ) -> None:
         """Append the prompt's tokens to `choice`'s logprob lists, with up to `top` alternatives each.
 
-        The first prompt token has no logprob (None). Text offsets index the decoded prompt,
-        and a token that ends inside a multi-byte character starts where that character does.
+        The first prompt token has no logprob (None). Text offsets index `echo_text`, and a
+        token that ends inside a multi-byte character starts where that character does.
         """
-        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
+        # A string prompt's echo lacks the special tokens the tokenizer added (a BOS, for
+        # example), so those take no characters. A token-id prompt's echo renders them.
+        with_special = self.tokenizer.decode(prompt_ids, skip_special_tokens=False) == echo_text
+        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=not with_special)
         for position, token_id in enumerate(prompt_ids):
             choice.text_offsets.append(len(detokenizer.text))
             detokenizer.add([token_id])
