@@ -133,7 +133,13 @@ def test_seed_determinism(client):
 def test_n3_with_seed(client):
     def sample():
         result = client.completions.create(
-            model=MODEL, prompt="My favourite animal is", max_tokens=12, temperature=1.0, n=3, seed=99
+            model=MODEL,
+            prompt="My favourite animal is",
+            max_tokens=12,
+            temperature=1.0,
+            n=3,
+            seed=99,
+            extra_body={"ignore_eos": True},
         )
         return [c.text for c in sorted(result.choices, key=lambda c: c.index)], result
 
