@@ -191,3 +191,17 @@ def test_sidecar_honours_header_directly(gateway):
     ).completions.create(model=MODEL, prompt="direct to the sidecar", max_tokens=2)
     assert reply.usage.completion_tokens == 2
     assert metric_sum(gateway["trap"] + "/metrics", "vllm:prompt_tokens_total") > 0
+
+
+def test_prompt_logprobs_stay_decode_only(gateway):
+    # Imported KV has no logits, so a request scoring its prompt skips the prefill leg.
+    _wait_ready(gateway, "always")
+    prefill_before = metric_sum(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total")
+    decode_only_before = metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_decisions_total", 'decision="decode_only"')
+    reply = _client(gateway, "always").completions.create(
+        model=MODEL, prompt="score this prompt", max_tokens=2, echo=True, logprobs=0
+    )
+    assert reply.usage.completion_tokens == 2
+    assert metric_sum(gateway["prefill"] + "/metrics", "vllm:prompt_tokens_total") == prefill_before
+    decode_only = metric_sum(gateway["url"] + "/metrics", "llmisvc_pd_decisions_total", 'decision="decode_only"')
+    assert decode_only == decode_only_before + 1

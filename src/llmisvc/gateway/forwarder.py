@@ -37,7 +37,7 @@ from llmisvc.scheduler import SchedulingRequest
 from . import admission
 from .jsonutil import dumps
 from .metrics import ModelMetrics
-from .pd import PDOrchestrator, PrefillLegFailed, PrefillOutcome
+from .pd import PDOrchestrator, PrefillLegFailed, PrefillOutcome, scores_prompt
 from .proxy import DONE, RETRY_STATUS, Relay, build_request_head
 from .server import ClientConnection, Request
 from .services import Endpoint, Service, ServiceTable
@@ -186,7 +186,7 @@ class Forwarder:
             if endpoint is None:
                 raise ServiceUnavailableError(f"no ready endpoint for {service.key} (model {service.model})")
         prefill = None
-        if result.prefill is not None:
+        if result.prefill is not None and not scores_prompt(body):
             prefill = service.endpoints.get(result.prefill.address)
         elif service.shape == "pd":
             self._pd.count_decode_only(service.model)

@@ -63,6 +63,18 @@ _PREFILL_DROPPED_FIELDS = (
 _FREE_TIMEOUT_SECONDS = 2.0
 
 
+def scores_prompt(request: dict[str, Any] | None) -> bool:
+    """Return whether the request asks for prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`).
+
+    Such a request gains nothing from a prefill leg: imported KV carries no logits, so the
+    decode engine computes the prompt again to score it.
+    """
+    if not request:
+        return False
+    echo_scores = request.get("echo") is True and request.get("logprobs") is not None
+    return echo_scores or request.get("prompt_logprobs") is not None
+
+
 class PrefillLegFailed(Exception):
     """The prefill leg got no HTTP response: refused connection, timeout or closed socket.
 
