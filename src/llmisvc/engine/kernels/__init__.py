@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+# Status codes of llmisvc_attention_bf16 other than success (0).
+ATTENTION_OUT_OF_MEMORY = -3
 COMPILE_FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
 
 
@@ -39,6 +41,9 @@ class NativeKernels:
         self._linear = library.llmisvc_linear_bf16
         self._linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         self._linear.restype = None
+        self._attention = library.llmisvc_attention_bf16
+        self._attention.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+        self._attention.restype = ctypes.c_int
 
     @staticmethod
     def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -71,6 +76,63 @@ class NativeKernels:
             x.shape[1],
             torch.get_num_threads(),
         )
+        return out
+
+    @staticmethod
+    def supports_attention(query: torch.Tensor, keys: torch.Tensor) -> bool:
+        """Return whether `attention` accepts these shapes, dtypes and devices.
+
+        The kernel needs CPU bfloat16 tensors, a head_dim that is a multiple of 32 up to 256,
+        and a number of query heads that is a multiple of the number of KV heads.
+        """
+        head_dim = query.shape[-1]
+        return (
+            query.device.type == "cpu"
+            and query.dtype == torch.bfloat16
+            and keys.dtype == torch.bfloat16
+            and head_dim % 32 == 0
+            and head_dim <= 256
+            and query.shape[1] % keys.shape[0] == 0
+        )
+
+    def attention(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Return causal attention `[tokens, heads * head_dim]` of one prefill segment, in bfloat16.
+
+        `query` is `[tokens, heads, head_dim]`, already scaled by 1/sqrt(head_dim), for
+        positions `start_pos ..`; its heads must be contiguous, its token stride may be any.
+        `keys` and `values` are one slot's `[kv_heads, capacity, head_dim]` buffers holding
+        the segment's K/V from `start_pos` on and the cached prefix before it. Query head h
+        reads KV head h // (heads / kv_heads); token t attends keys 0 .. start_pos + t.
+        Raises ValueError for inputs `supports_attention` rejects or shapes that disagree,
+        MemoryError when the kernel's scratch buffers cannot be allocated.
+        """
+        tokens, heads, head_dim = query.shape
+        kv_heads, capacity, _ = keys.shape
+        if not self.supports_attention(query, keys) or values.dtype != torch.bfloat16:
+            raise ValueError(f"attention kernel does not support head_dim {head_dim}, {heads} heads over {kv_heads} KV heads, dtype {query.dtype}")
+        if query.stride(2) != 1 or query.stride(1) != head_dim or query.stride(0) % 2:
+            query = query.contiguous()
+        if not (keys.is_contiguous() and values.is_contiguous()) or values.shape != keys.shape or keys.shape[2] != head_dim:
+            raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must be contiguous [kv_heads, capacity, {head_dim}]")
+        out = torch.empty((tokens, heads * head_dim), dtype=torch.bfloat16)
+        status = self._attention(
+            query.data_ptr(),
+            query.stride(0),
+            keys.data_ptr(),
+            values.data_ptr(),
+            out.data_ptr(),
+            tokens,
+            start_pos,
+            heads,
+            kv_heads,
+            capacity,
+            head_dim,
+            torch.get_num_threads(),
+        )
+        if status == ATTENTION_OUT_OF_MEMORY:
+            raise MemoryError("attention kernel could not allocate its scratch buffers")
+        if status != 0:
+            raise ValueError(f"attention kernel rejected {tokens} tokens at start_pos {start_pos} with capacity {capacity} (status {status})")
         return out
 
 
