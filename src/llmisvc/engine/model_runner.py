@@ -212,7 +212,7 @@ class ModelRunner:
             positions.extend(range(entry.start_pos, entry.start_pos + len(entry.token_ids)))
             logit_rows[i] = len(token_ids) - 1
             if i in prefill_set:
-                prefills.append(self._prefill_segment(row, entry, states[i].slot))
+                prefills.append(PrefillSegment(row, len(entry.token_ids), states[i].slot, entry.start_pos))
 
         batch = self._attention_batch(decode_order, inputs, states, prefills)
         device = self.device
@@ -322,19 +322,6 @@ class ModelRunner:
         state.slot = self.kv.slot(entry.seq_id)
         return state
 
-    def _prefill_segment(self, row: int, entry: StepInput, slot: int) -> PrefillSegment:
-        length = len(entry.token_ids)
-        mask = None
-        if entry.start_pos > 0:
-            # Query i (position start_pos + i) attends to keys 0 .. start_pos + i.
-            end = entry.start_pos + length
-            query_pos = torch.arange(entry.start_pos, end, device=self.device).unsqueeze(1)
-            allowed = torch.arange(end, device=self.device).unsqueeze(0) <= query_pos
-            # An additive mask measured slightly faster in SDPA's CPU kernel than a boolean one.
-            mask = torch.zeros((length, end), dtype=self.dtype, device=self.device)
-            mask.masked_fill_(~allowed, float("-inf"))
-        return PrefillSegment(row, length, slot, entry.start_pos, mask)
-
     def _attention_batch(
         self,
         decode_order: list[int],
@@ -368,6 +355,7 @@ class ModelRunner:
             decode_slot_range=(slots[0], slots[0] + count) if consecutive else None,
             decode_mask=mask.view(count, 1, 1, capacity),
             prefills=prefills,
+            decode_positions=position_tensor,
         )
 
     def _finish_step(self, entry: StepInput, state: _SequenceState) -> None:

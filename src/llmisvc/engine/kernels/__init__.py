@@ -44,6 +44,18 @@ class NativeKernels:
         self._attention = library.llmisvc_attention_bf16
         self._attention.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int]
         self._attention.restype = ctypes.c_int
+        self._add_rms_norm = library.llmisvc_add_rms_norm_bf16
+        self._add_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+        self._add_rms_norm.restype = None
+        self._silu_mul = library.llmisvc_silu_mul_bf16
+        self._silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        self._silu_mul.restype = None
+        self._decode_attention = library.llmisvc_decode_attention_bf16
+        self._decode_attention.argtypes = (
+            [ctypes.c_void_p, ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
+            + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        )
+        self._decode_attention.restype = ctypes.c_int
 
     @staticmethod
     def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -136,6 +148,79 @@ class NativeKernels:
         return out
 
 
+    def add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Add `delta` into `hidden` in place (when given) and return RMS-normalised `hidden` times `weight`.
+
+        `hidden` `[m, n]` must be contiguous bfloat16, as `delta` is made.
+        """
+        normed = torch.empty_like(hidden)
+        delta = None if delta is None else delta.contiguous()
+        self._add_rms_norm(
+            hidden.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            normed.data_ptr(),
+            hidden.shape[0],
+            hidden.shape[1],
+            eps,
+            torch.get_num_threads(),
+        )
+        return normed
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """Return `silu(gate) * up` for `gate_up` `[m, 2n]` holding gate then up, as `[m, n]`."""
+        gate_up = gate_up.contiguous()
+        rows, width = gate_up.shape
+        out = torch.empty((rows, width // 2), dtype=torch.bfloat16)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, torch.get_num_threads())
+        return out
+
+    def decode_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Write one token's K/V per sequence into its slot and return attention `[count, heads * head_dim]`.
+
+        `query` is `[count, heads, head_dim]`, `key`/`value` `[count, kv_heads, head_dim]`, each
+        with contiguous heads; the buffers are `[slots, kv_heads, capacity, head_dim]`
+        contiguous; `slots` and `positions` are int64 `[count]`. Returns None when the kernel
+        cannot run (head_dim not a multiple of 32 up to 256, more than 16 query heads per KV
+        head, or out of memory). A fallback may then write the same K/V rows again.
+        """
+        count, heads, head_dim = query.shape
+        kv_heads, capacity = key_buffer.shape[1], key_buffer.shape[2]
+        for tensor in (query, key, value):
+            if tensor.stride(2) != 1 or tensor.stride(1) != head_dim:
+                raise ValueError("decode_attention needs contiguous heads in query, key and value")
+        out = torch.empty((count, heads * head_dim), dtype=torch.bfloat16)
+        status = self._decode_attention(
+            query.data_ptr(),
+            query.stride(0),
+            key.data_ptr(),
+            key.stride(0),
+            value.data_ptr(),
+            value.stride(0),
+            key_buffer.data_ptr(),
+            value_buffer.data_ptr(),
+            capacity,
+            slots.data_ptr(),
+            positions.data_ptr(),
+            out.data_ptr(),
+            count,
+            heads,
+            kv_heads,
+            head_dim,
+            torch.get_num_threads(),
+        )
+        return out if status == 0 else None
+
+
 def cpu_supported() -> bool:
     """Return whether this is an x86-64 Linux CPU with the instructions the kernels use."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -175,9 +260,10 @@ def load() -> NativeKernels | None:
 def _build(compiler: str) -> Path:
     """Compile the sources unless a library for the same inputs is cached; return its path."""
     sources = sorted(SOURCE_DIR.glob("*.c"))
+    headers = sorted(SOURCE_DIR.glob("*.h"))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in [version, " ".join(COMPILE_FLAGS)] + [source.read_text() for source in sources]:
+    for part in [version, " ".join(COMPILE_FLAGS)] + [path.read_text() for path in sources + headers]:
         digest.update(part.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmisvc" / "kernels"
     target = cache / f"llmisvc-kernels-{digest.hexdigest()[:16]}.so"
@@ -190,7 +276,7 @@ def _build(compiler: str) -> Path:
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(handle)
     try:
-        command = [compiler, *COMPILE_FLAGS, *map(str, sources), "-o", temporary]
+        command = [compiler, *COMPILE_FLAGS, *map(str, sources), "-o", temporary, "-lm"]
         result = subprocess.run(command + ["-fopenmp"], capture_output=True, text=True)
         if result.returncode != 0:
             # Without OpenMP the kernels still work, on one thread.

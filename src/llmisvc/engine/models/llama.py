@@ -29,16 +29,13 @@ logger = logging.getLogger(__name__)
 class PrefillSegment:
     """A run of `length` consecutive tokens of one sequence, starting at batch row `row`.
 
-    `start_pos` is the position of its first token. `mask` is None when `start_pos` is 0
-    (plain causal attention), else the additive mask `[length, start_pos + length]` that is
-    0 where a query may attend a key and -inf elsewhere.
+    `start_pos` is the position of its first token, and `slot` the sequence's KV slot.
     """
 
     row: int
     length: int
     slot: int
     start_pos: int
-    mask: torch.Tensor | None
 
 
 @dataclass
@@ -50,7 +47,8 @@ class AttentionBatch:
     layer's buffer viewed as `[slots * kv_heads * capacity, head_dim]`. `decode_slot_range`
     is `(first, end)` when the slots are consecutive, so attention reads a contiguous view;
     otherwise `decode_slots` is gathered. `decode_mask` is the additive padding mask
-    `[num_decode, 1, 1, capacity]`. Rows from `num_decode` on are `prefills`.
+    `[num_decode, 1, 1, capacity]`. `decode_positions` is each token's position, which the
+    native kernel uses instead of the mask. Rows from `num_decode` on are `prefills`.
     """
 
     num_decode: int
@@ -59,6 +57,7 @@ class AttentionBatch:
     decode_slot_range: tuple[int, int] | None
     decode_mask: torch.Tensor | None
     prefills: list[PrefillSegment]
+    decode_positions: torch.Tensor | None = None
 
 
 class Linear:
@@ -67,12 +66,12 @@ class Linear:
     On CPU in bfloat16 the weight is also stored in oneDNN's blocked layout and applied with
     `torch.ops.mkldnn._linear_pointwise` (the op TorchInductor emits for frozen CPU linears),
     which measured 1.3-1.7x faster than `F.linear` for 2 to 512 rows on a 2-core Xeon with AMX.
-    Few rows are a different problem, bound by reading the weight, and the fastest kernel
-    depends on the CPU: `torch.mv` on the plain weight made a decode step 8% faster than
-    oneDNN on that Xeon but was up to 3.7x slower on an AMD EPYC with AVX512-BF16, where the
-    native kernel (`llmisvc.engine.kernels`) was 1.8x faster than oneDNN for one row.
-    `LlamaModel.choose_kernels` measures them and sets `native_max_rows` and `single_row_mv`.
-    Copies no chosen kernel reads are then released.
+    A few rows are bound by reading the weight instead, and the fastest kernel depends on the
+    CPU. `torch.mv` on the plain weight made a decode step 8% faster than oneDNN on that Xeon.
+    On an AMD EPYC with AVX512-BF16 it was up to 3.7x slower than oneDNN, and the native
+    kernel (`llmisvc.engine.kernels`) was 1.8x faster than oneDNN for one row.
+    `LlamaModel.choose_kernels` times them and sets `native_max_rows` and `single_row_mv`,
+    then each linear frees the weight copies that its chosen kernels never read.
     NOTE: with the native kernel, two packed copies of each weight stay in memory.
     Other devices and dtypes, or a torch build without oneDNN, use `F.linear`.
     """
@@ -173,7 +172,7 @@ class LlamaModel:
             return weights.pop(name).to(device=device, dtype=dtype).contiguous()
 
         native = load_native_kernels() if device.type == "cpu" and dtype == torch.bfloat16 else None
-        # Native kernels for prefill attention. None runs PyTorch ops instead.
+        # Fused norm, activation, decode and prefill attention kernels. None runs PyTorch ops instead.
         self.native = native
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
@@ -302,21 +301,23 @@ class LlamaModel:
         kv_size = config.num_kv_heads * config.head_dim
         rope_heads = config.num_heads + config.num_kv_heads
 
+        # Each residual branch's output is added into `hidden` by the next norm, which the
+        # native kernel does in the same pass over the row.
+        delta = None
         for index, layer in enumerate(self.layers):
-            normed = self._rms_norm(hidden, layer["input_norm"])
+            hidden, normed = self._add_rms_norm(hidden, delta, layer["input_norm"])
             qkv = layer["qkv"](normed)
             query_key = _apply_rope(qkv[:, : q_size + kv_size].view(-1, rope_heads, config.head_dim), cos, sin)
             query = query_key[:, : config.num_heads]
             key = query_key[:, config.num_heads :]
             value = qkv[:, q_size + kv_size :].view(-1, config.num_kv_heads, config.head_dim)
             attended = self._attention(index, query, key, value, batch, kv)
-            hidden = hidden + layer["o"](attended)
+            delta = layer["o"](attended)
 
-            normed = self._rms_norm(hidden, layer["post_norm"])
-            gate_up = layer["gate_up"](normed)
-            gate, up = gate_up.chunk(2, dim=-1)
-            hidden = hidden + layer["down"](F.silu(gate) * up)
+            hidden, normed = self._add_rms_norm(hidden, delta, layer["post_norm"])
+            delta = layer["down"](self._silu_mul(layer["gate_up"](normed)))
 
+        hidden = hidden + delta
         last = self._rms_norm(hidden.index_select(0, logit_rows), self.norm)
         out.copy_(self.lm_head(last))
         return hidden
@@ -324,6 +325,25 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Return the logits `[rows, vocab]`, in the run dtype, of final hidden states from `forward`."""
         return self.lm_head(self._rms_norm(hidden, self.norm))
+
+    def _add_rms_norm(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `hidden + delta` (or `hidden` when delta is None) and its RMS norm times `weight`.
+
+        The native kernel adds in place, so `hidden` must be a tensor the caller owns.
+        """
+        if self.native is not None:
+            return hidden, self.native.add_rms_norm(hidden, delta, weight, self.config.rms_norm_eps)
+        if delta is not None:
+            hidden = hidden + delta
+        return hidden, self._rms_norm(hidden, weight)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op instead of Hugging Face's upcast-normalise-downcast-scale sequence.
@@ -349,27 +369,17 @@ class LlamaModel:
 
         count = batch.num_decode
         if count:
-            # Scatter this step's K/V rows, then attend over every position of the slots.
-            # CPU bmm clones inputs whose batch stride is not rows * columns, so slicing to
-            # the longest length would copy K/V each layer. A contiguous
-            # [slots * kv_heads, capacity, head_dim] view with a padding mask costs less.
-            capacity = key_buffer.shape[2]
-            key_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, key[:count].reshape(-1, head_dim))
-            value_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, value[:count].reshape(-1, head_dim))
-            if batch.decode_slot_range is not None:
-                first, end = batch.decode_slot_range
-                keys, values = key_buffer[first:end], value_buffer[first:end]
-            else:
-                keys = key_buffer.index_select(0, batch.decode_slots)
-                values = value_buffer.index_select(0, batch.decode_slots)
-            keys = keys.view(count * kv_heads, capacity, head_dim)
-            values = values.view(count * kv_heads, capacity, head_dim)
-            # Each KV head serves its group of query heads without repeating K/V.
-            grouped = query[:count].reshape(count * kv_heads, group, head_dim)
-            scores = torch.bmm(grouped, keys.transpose(1, 2)).view(count, kv_heads, group, capacity)
-            probabilities = torch.softmax(scores + batch.decode_mask, dim=-1)
-            attended = torch.bmm(probabilities.view(count * kv_heads, group, capacity), values)
-            outputs.append(attended.view(count, -1))
+            # The native kernel reads each sequence's valid positions only, in one call per
+            # layer. It cut the attention time of a one-sequence SmolLM2-135M decode step from
+            # about 4.3 ms to 0.7 ms on a 2-core AMD EPYC.
+            if self.native is not None and batch.decode_positions is not None:
+                attended = self.native.decode_attention(
+                    query[:count], key[:count], value[:count], key_buffer, value_buffer, batch.decode_slots, batch.decode_positions
+                )
+                if attended is not None:
+                    outputs.append(attended)
+            if not outputs:
+                outputs.append(self._padded_decode_attention(query, key, value, key_buffer, value_buffer, batch))
 
         for segment in batch.prefills:
             rows = slice(segment.row, segment.row + segment.length)
@@ -387,18 +397,60 @@ class LlamaModel:
             queries = query[rows].transpose(0, 1).unsqueeze(0)  # [1, heads, T, dim], already scaled
             # SDPA's fused CPU kernel measured about 2x faster than matmul-softmax-matmul for
             # a 549-token bfloat16 prompt; one-token steps use the decode path above instead.
+            mask = self._prefill_mask(segment) if segment.start_pos else None
             attended = F.scaled_dot_product_attention(
-                queries,
-                keys,
-                values,
-                attn_mask=segment.mask,
-                is_causal=segment.mask is None,
-                scale=1.0,
-                enable_gqa=group > 1,
+                queries, keys, values, attn_mask=mask, is_causal=mask is None, scale=1.0, enable_gqa=group > 1
             )
             outputs.append(attended[0].transpose(0, 1).reshape(segment.length, -1))
 
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+    def _prefill_mask(self, segment: PrefillSegment) -> torch.Tensor:
+        """Return the additive mask `[length, start_pos + length]`: 0 where a query may attend a key, else -inf."""
+        end = segment.start_pos + segment.length
+        query_positions = torch.arange(segment.start_pos, end, device=self.device).unsqueeze(1)
+        allowed = torch.arange(end, device=self.device).unsqueeze(0) <= query_positions
+        # An additive mask measured slightly faster in SDPA's CPU kernel than a boolean one.
+        mask = torch.zeros((segment.length, end), dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(~allowed, float("-inf"))
+
+    def _padded_decode_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_buffer: torch.Tensor,
+        value_buffer: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """Write the decode tokens' K/V and attend over every slot position with the padding mask.
+
+        CPU bmm clones inputs whose batch stride is not rows * columns, so slicing to the
+        longest length would copy K/V each layer. A contiguous
+        `[slots * kv_heads, capacity, head_dim]` view with a padding mask costs less.
+        """
+        config = self.config
+        kv_heads, head_dim = config.num_kv_heads, config.head_dim
+        group = config.num_heads // kv_heads
+        count = batch.num_decode
+        capacity = key_buffer.shape[2]
+        key_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, key[:count].reshape(-1, head_dim))
+        value_buffer.view(-1, head_dim).index_copy_(0, batch.decode_rows, value[:count].reshape(-1, head_dim))
+        if batch.decode_slot_range is not None:
+            first, end = batch.decode_slot_range
+            keys, values = key_buffer[first:end], value_buffer[first:end]
+        else:
+            keys = key_buffer.index_select(0, batch.decode_slots)
+            values = value_buffer.index_select(0, batch.decode_slots)
+        keys = keys.view(count * kv_heads, capacity, head_dim)
+        values = values.view(count * kv_heads, capacity, head_dim)
+        # Each KV head serves its group of query heads without repeating K/V.
+        grouped = query[:count].reshape(count * kv_heads, group, head_dim)
+        scores = torch.bmm(grouped, keys.transpose(1, 2)).view(count, kv_heads, group, capacity)
+        probabilities = torch.softmax(scores + batch.decode_mask, dim=-1)
+        attended = torch.bmm(probabilities.view(count * kv_heads, group, capacity), values)
+        return attended.view(count, -1)
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
