@@ -64,6 +64,17 @@ def test_route_by_model_and_path(gateway, echo):
     assert unknown_service.status_code == 404
 
 
+def test_wrong_method_on_post_route(gateway):
+    wrong = requests.get(gateway.url + "/v1/chat/completions", timeout=10)
+    assert wrong.status_code == 405
+    assert wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"
+    assert "POST" in wrong.json()["error"]["message"]
+
+    unknown = requests.get(gateway.url + "/v1/no-such-route", timeout=10)
+    assert unknown.status_code == 404
+
+
 def test_round_robin_alternates(gateway, echo):
     used = [
         requests.post(gateway.url + "/v1/completions", json={"model": "echo", "prompt": "x"}, timeout=10).headers[

@@ -22,7 +22,14 @@ import time
 from dataclasses import dataclass
 
 from llmisvc.protocol import headers as h
-from llmisvc.protocol.errors import APIError, AuthenticationError, BadRequestError, NotFoundError, TooManyRequestsError
+from llmisvc.protocol.errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    TooManyRequestsError,
+)
 
 from .admin import AdminAPI
 from .forwarder import Forwarder
@@ -38,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 _REQUEST_ID = h.REQUEST_ID.encode()
 _DROP_REASON = h.DROP_REASON.encode()
+# OpenAI routes served with POST only: another method on them gets a 405 naming POST.
+_POST_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 _MODEL_ONLY = frozenset({"model"})
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
@@ -133,6 +142,8 @@ class Gateway:
             headers = [(_REQUEST_ID, _request_id(request))]
             if isinstance(exc, TooManyRequestsError):
                 headers.append((_DROP_REASON, exc.drop_reason.encode()))
+            if isinstance(exc, MethodNotAllowedError):
+                headers.append((b"allow", ", ".join(exc.allow).encode()))
             client.send_error(exc, headers)
 
     async def _route(self, request: Request, client: ClientConnection) -> None:
@@ -143,6 +154,8 @@ class Gateway:
                 client.send_json(200, self._models(self.table.by_key.values()))
                 return
             if request.method != b"POST":
+                if path in _POST_ROUTES:
+                    raise MethodNotAllowedError(f"method {request.method.decode()} not allowed for {path}: use POST", allow=("POST",))
                 raise NotFoundError(f"no route for {request.method.decode()} {path}")
             body = _parse_body(request, full=False)
             model = body.get("model")

@@ -54,6 +54,20 @@ class NotFoundError(APIError):
     error_type = "not_found_error"
 
 
+class MethodNotAllowedError(APIError):
+    """A known path requested with a method it does not serve (405).
+
+    `allow` lists the methods it serves, for the `Allow` response header.
+    """
+
+    status = 405
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]):
+        super().__init__(message)
+        self.allow = allow
+
+
 class PayloadTooLargeError(APIError):
     """Request body over the configured limit (413)."""
 
