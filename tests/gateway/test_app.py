@@ -35,16 +35,17 @@ def echo(gateway, sims):
     return sims
 
 
-def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    """Read one Content-Length response from a raw socket; return (head, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head, body[:length]
+def read_response(reader) -> tuple[bytes, bytes]:
+    """Read one Content-Length response from `sock.makefile("rb")`; return (head, body).
+
+    The buffered reader keeps bytes of a following pipelined response for the next call.
+    """
+    lines = []
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        lines.append(line)
+    head = b"".join(lines)
+    length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
+    return head, reader.read(length)
 
 
 def test_route_by_model_and_path(gateway, echo):
@@ -214,7 +215,7 @@ def test_removed_endpoint_drains(gateway, tmp_path):
         routed = requests.post(gateway.url + "/v1/completions", json={"model": "drain", "prompt": "x", "max_tokens": 1}, timeout=10)
         assert routed.headers["x-llmisvc-endpoint"] == second
 
-        head, _ = read_response(sock)
+        head, _ = read_response(sock.makefile("rb"))
         assert head.startswith(b"HTTP/1.1 200")
         sock.close()
         assert wait_until(
@@ -228,12 +229,14 @@ def test_removed_endpoint_drains(gateway, tmp_path):
 def test_expect_continue_chunked_and_pipelined(gateway, echo):
     sock = socket.create_connection(("127.0.0.1", gateway.port))
     sock.settimeout(10)
+    reader = sock.makefile("rb")
     try:
         body = json.dumps({"model": "echo", "prompt": "continued"}).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
-        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert reader.readline() == b"\r\n"
         sock.sendall(body)
-        head, reply = read_response(sock)
+        head, reply = read_response(reader)
         assert head.startswith(b"HTTP/1.1 200")
         assert json.loads(reply)["choices"][0]["text"] == "continued"
 
@@ -243,7 +246,7 @@ def test_expect_continue_chunked_and_pipelined(gateway, echo):
             + b"%x\r\n%s\r\n" % (10, chunked_body[:10])
             + b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunked_body) - 10, chunked_body[10:])
         )
-        head, reply = read_response(sock)
+        head, reply = read_response(reader)
         assert json.loads(reply)["choices"][0]["text"] == "chunked"
 
         first = json.dumps({"model": "echo", "prompt": "first"}).encode()
@@ -252,11 +255,12 @@ def test_expect_continue_chunked_and_pipelined(gateway, echo):
             b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(first), first)
             + b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(second), second)
         )
-        _, reply_one = read_response(sock)
-        _, reply_two = read_response(sock)
+        _, reply_one = read_response(reader)
+        _, reply_two = read_response(reader)
         assert json.loads(reply_one)["choices"][0]["text"] == "first"
         assert json.loads(reply_two)["choices"][0]["text"] == "second"
     finally:
+        reader.close()
         sock.close()
 
 
