@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import ctypes
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -78,8 +82,9 @@ def test_pack_pads_rows_to_blocks():
     assert packed[1, 0, 4:].abs().sum() == 0
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("LLMISVC_NATIVE_KERNELS", "0")
+@pytest.mark.parametrize("value", ["0", "off", "FALSE", "no"])
+def test_disabled_by_environment(monkeypatch, value):
+    monkeypatch.setenv("LLMISVC_NATIVE_KERNELS", value)
     assert kernels.load.__wrapped__() is None
 
 
@@ -87,6 +92,15 @@ def test_missing_compiler_falls_back(monkeypatch):
     monkeypatch.setenv("CC", "llmisvc-no-such-compiler")
     monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
     assert kernels.load.__wrapped__() is None
+
+
+def test_empty_compiler_output_falls_back(monkeypatch, tmp_path):
+    # `true` exits 0 without writing anything, as a broken compiler wrapper might.
+    monkeypatch.setenv("CC", "true")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "cpu_supported", lambda: True)
+    assert kernels.load.__wrapped__() is None
+    assert list((tmp_path / "llmisvc" / "kernels").iterdir()) == []
 
 
 @needs_native
@@ -97,7 +111,32 @@ def test_build_is_cached(monkeypatch, tmp_path):
     second = kernels.load.__wrapped__()
     assert second.path == first.path
     assert second.path.stat().st_mtime_ns == built
-    assert list(first.path.parent.iterdir()) == [first.path]
+    assert sorted(path.name for path in first.path.parent.iterdir()) == [first.path.name, first.path.name + ".sha256"]
+
+
+@needs_native
+def test_compiler_with_arguments(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "cc -g0")
+    assert kernels.load.__wrapped__() is not None
+
+
+@needs_native
+@pytest.mark.parametrize("size", [0, 1000, 20000])
+def test_truncated_cache_is_rebuilt(tmp_path, size):
+    # Loading a truncated library would kill the process with SIGBUS, so each attempt runs
+    # in a child process.
+    script = "from llmisvc.engine import kernels; import sys; sys.exit(0 if kernels.load() else 3)"
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=environment, check=True, timeout=120)
+    (library,) = (tmp_path / "llmisvc" / "kernels").glob("*.so")
+    complete = library.read_bytes()
+    library.write_bytes(complete[:size])
+
+    rebuilt = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "do not match their checksum" in rebuilt.stderr
+    assert library.read_bytes() == complete
 
 
 @needs_native

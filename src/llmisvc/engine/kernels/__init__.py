@@ -4,7 +4,7 @@ The sources are built with the system C compiler (`$CC`, else `cc`) into a share
 cached under `$XDG_CACHE_HOME/llmisvc/kernels` (default `~/.cache/llmisvc/kernels`), keyed
 by a hash of the sources, the flags and the compiler's version, and called through ctypes.
 They need x86-64 with AVX512-BF16. On other CPUs, without a compiler, when the build fails,
-or with `LLMISVC_NATIVE_KERNELS=0`, `load()` returns None and the engine uses PyTorch's
+or with `LLMISVC_NATIVE_KERNELS=0` (or `false`, `off`, `no`), `load()` returns None and the engine uses PyTorch's
 kernels only. OpenMP pragmas bind to the `libgomp.so.1` that PyTorch has already loaded, so
 the kernels share PyTorch's thread pool instead of starting a second one.
 """
@@ -17,9 +17,11 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +33,11 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # Status codes of llmisvc_attention_bf16 other than success (0).
 ATTENTION_OUT_OF_MEMORY = -3
 COMPILE_FLAGS = ["-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+# LLMISVC_NATIVE_KERNELS values (case-insensitive) that turn the kernels off.
+DISABLING_VALUES = frozenset({"0", "false", "off", "no"})
+COMPILE_TIMEOUT_SECONDS = 300
+TEMPORARY_PREFIX = "partial-"
+STALE_TEMPORARY_SECONDS = 3600
 
 
 class NativeKernels:
@@ -168,7 +175,7 @@ class NativeKernels:
         return normed
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """Return `silu(gate) * up` for `gate_up` `[m, 2n]` holding gate then up, as `[m, n]`."""
+        """Return `silu(gate) * up` for `gate_up` `[m, 2n]` (gate columns, then up columns), as `[m, n]`."""
         gate_up = gate_up.contiguous()
         rows, width = gate_up.shape
         out = torch.empty((rows, width // 2), dtype=torch.bfloat16)
@@ -239,54 +246,105 @@ def cpu_supported() -> bool:
 @functools.cache
 def load() -> NativeKernels | None:
     """Build (once per source version) and load the kernels, or return None when unavailable."""
-    if os.environ.get("LLMISVC_NATIVE_KERNELS", "1") == "0":
-        logger.info("native kernels disabled by LLMISVC_NATIVE_KERNELS=0")
+    setting = os.environ.get("LLMISVC_NATIVE_KERNELS", "1").strip().lower()
+    if setting in DISABLING_VALUES:
+        logger.info("native kernels disabled by LLMISVC_NATIVE_KERNELS=%s", setting)
         return None
     if not cpu_supported():
         logger.info("native kernels not used: the CPU lacks one of %s", ", ".join(CPU_FLAGS))
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        logger.warning("native kernels not used: no C compiler found (set CC or install gcc)")
+    compiler = shlex.split(os.environ.get("CC") or "cc")
+    if not compiler or shutil.which(compiler[0]) is None:
+        logger.warning("native kernels not used: C compiler %r not found (set CC or install gcc)", " ".join(compiler))
         return None
     try:
         path = _build(compiler)
-        return NativeKernels(ctypes.CDLL(str(path)), path)
     except (OSError, subprocess.SubprocessError) as error:
         logger.warning("native kernels not used: building them failed: %s", error)
         return None
+    try:
+        return NativeKernels(ctypes.CDLL(str(path)), path)
+    except OSError as error:
+        # Remove the library so that the next start builds it again.
+        logger.warning("native kernels not used: loading %s failed: %s", path, error)
+        for stale in (path, _checksum_path(path)):
+            stale.unlink(missing_ok=True)
+        return None
 
 
-def _build(compiler: str) -> Path:
-    """Compile the sources unless a library for the same inputs is cached; return its path."""
+def _build(compiler: list[str]) -> Path:
+    """Compile the sources unless a library for the same inputs is cached; return its path.
+
+    A cached library is used only when its bytes match the SHA-256 stored beside it, because
+    loading a truncated library crashes the process with SIGBUS instead of raising.
+    """
     sources = sorted(SOURCE_DIR.glob("*.c"))
     headers = sorted(SOURCE_DIR.glob("*.h"))
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run(
+        [*compiler, "--version"], capture_output=True, text=True, check=True, timeout=COMPILE_TIMEOUT_SECONDS
+    ).stdout
     digest = hashlib.sha256()
     for part in [version, " ".join(COMPILE_FLAGS)] + [path.read_text() for path in sources + headers]:
         digest.update(part.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmisvc" / "kernels"
     target = cache / f"llmisvc-kernels-{digest.hexdigest()[:16]}.so"
+    checksum = _checksum_path(target)
     if target.exists():
-        return target
+        if checksum.exists() and checksum.read_text().strip() == _file_sha256(target):
+            return target
+        logger.warning("cached native kernels %s do not match their checksum; building them again", target)
 
     cache.mkdir(parents=True, exist_ok=True)
-    # Replicas starting together may build at once, so each writes a private file and
-    # renames it into place atomically.
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=cache)
+    _remove_stale_temporaries(cache)
+    # Replicas starting together may build at once, so each writes private files and
+    # renames them into place atomically: the library first, then its checksum.
+    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix=".so", dir=cache)
     os.close(handle)
     try:
-        command = [compiler, *COMPILE_FLAGS, *map(str, sources), "-o", temporary, "-lm"]
-        result = subprocess.run(command + ["-fopenmp"], capture_output=True, text=True)
+        command = [*compiler, *COMPILE_FLAGS, *map(str, sources), "-o", temporary, "-lm"]
+        result = subprocess.run(command + ["-fopenmp"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_SECONDS)
         if result.returncode != 0:
             # Without OpenMP the kernels still work, on one thread.
             logger.warning("building native kernels with -fopenmp failed, retrying without: %s", result.stderr.strip())
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_SECONDS)
         if result.returncode != 0:
             raise subprocess.SubprocessError(f"{' '.join(command)} exited with {result.returncode}: {result.stderr.strip()}")
+        if os.path.getsize(temporary) == 0:
+            raise subprocess.SubprocessError(f"{' '.join(command)} wrote an empty library")
+        with open(temporary, "rb") as library:
+            os.fsync(library.fileno())
         os.replace(temporary, target)
+        _write_atomically(checksum, _file_sha256(target))
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
     logger.info("built native kernels into %s", target)
     return target
+
+
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _remove_stale_temporaries(cache: Path) -> None:
+    """Delete partial outputs of builds that were killed (older than an hour)."""
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    for leftover in cache.glob(TEMPORARY_PREFIX + "*"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except OSError:
+            pass
