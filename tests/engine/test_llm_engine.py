@@ -16,6 +16,7 @@ import torch
 from llmisvc.engine.llm_engine import EngineConfig, LLMEngine
 from llmisvc.engine.model_runner import ModelRunner, PromptLogprobsRequest, StepInput
 from llmisvc.engine.sequence import EngineRequest
+from llmisvc.protocol.errors import BadRequestError
 from llmisvc.protocol.openai import SamplingOptions
 from tiny_checkpoints import write_checkpoint
 
@@ -140,3 +141,19 @@ def test_remote_kv_declined_for_prompt_logprobs(checkpoint):
     assert connector.pulls == [([7, 8, 9], 3)]
     expected = _one_step_logprobs(runner, tokens, top_k=1)
     assert deltas[0].prompt_logprobs.logprobs == pytest.approx(expected.logprobs, abs=ATOL)
+
+
+def test_scored_prompt_may_fill_context(checkpoint):
+    runner = ModelRunner(str(checkpoint), dtype="float32", block_size=BLOCK, num_blocks=16, max_model_len=48, threads=1)
+    engine = LLMEngine(runner, EngineConfig(max_num_seqs=4, max_num_batched_tokens=16))
+    assert engine.resolve_max_tokens(48, 0) == 0
+    assert engine.resolve_max_tokens(47, None) == 1
+    for max_tokens in (None, 1):
+        with pytest.raises(BadRequestError, match="48"):
+            engine.resolve_max_tokens(48, max_tokens)
+
+    tokens = _tokens(48, seed=4)
+    (deltas,) = asyncio.run(_run(engine, [_request("full", tokens, max_tokens=0, prompt_logprobs=1)]))
+    assert deltas[0].finish_reason == "length"
+    assert deltas[0].token_ids == []
+    assert len(deltas[0].prompt_logprobs) == 47

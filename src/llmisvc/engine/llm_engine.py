@@ -206,18 +206,20 @@ class LLMEngine:
         """Return the output cap for a prompt, capped to the context left after it.
 
         Raises BadRequestError naming both lengths when the prompt alone does not fit the
-        context, and when it cannot fit the KV cache at all.
+        context, and when it cannot fit the KV cache at all. A prompt that is only scored
+        (`max_tokens` 0) may fill the whole context; any other needs room for one token.
         """
         if num_prompt_tokens == 0:
             raise BadRequestError("the prompt is empty", param=param)
-        if num_prompt_tokens >= self.max_model_len:
+        room = 0 if max_tokens == 0 else 1
+        if num_prompt_tokens + room > self.max_model_len:
             raise BadRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your "
                 f"request has {num_prompt_tokens} input tokens. Please reduce the length of the input.",
                 param=param,
             )
         capacity = self.pool.num_blocks * self.block_size
-        if num_prompt_tokens + 1 > capacity:
+        if num_prompt_tokens + room > capacity:
             raise BadRequestError(
                 f"the prompt has {num_prompt_tokens} tokens but the KV cache has room for {capacity} tokens; "
                 "start the engine with a larger --kv-cache-memory",
