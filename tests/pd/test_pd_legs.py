@@ -18,6 +18,7 @@ CHAT = {
     "n": 2,
     "logprobs": True,
     "top_logprobs": 3,
+    "prompt_logprobs": 2,
     "temperature": 0.5,
 }
 
@@ -29,7 +30,7 @@ def test_prefill_body_is_capped_json():
     assert body["max_completion_tokens"] == 1
     assert body["ignore_eos"] is True
     assert body["kv_transfer_params"] == {"do_remote_decode": True}
-    for field in ("stream_options", "min_tokens", "stop", "stop_token_ids", "n", "logprobs", "top_logprobs"):
+    for field in ("stream_options", "min_tokens", "stop", "stop_token_ids", "n", "logprobs", "top_logprobs", "prompt_logprobs"):
         assert field not in body, field
     assert body["temperature"] == 0.5
     assert body["messages"] == CHAT["messages"]

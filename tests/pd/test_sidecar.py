@@ -175,3 +175,17 @@ def test_no_header_proxies_to_decode(cluster):
     assert reply.usage.completion_tokens == 3
     assert _metric(cluster["decode"] + "/metrics", "vllm:generation_tokens_total") == decode_before + 3
     assert _metric(f"http://{cluster['prefill']}/metrics", "vllm:generation_tokens_total") == prefill_before
+
+
+def test_scored_prompt_skips_prefill_leg(cluster):
+    # Imported KV has no logits, so a prompt-scoring request goes to the decode engine alone
+    # even when the header names a prefill host.
+    prefill_before = _metric(f"http://{cluster['prefill']}/metrics", "vllm:prompt_tokens_total")
+    decisions = cluster["sidecar"] + "/sidecar/metrics"
+    decode_only_before = _metric(decisions, "llmisvc_pd_decisions_total", 'decision="decode_only"')
+    reply = _client(cluster, cluster["prefill"]).completions.create(
+        model=MODEL, prompt="score this prompt please", max_tokens=2, echo=True, logprobs=0
+    )
+    assert reply.usage.completion_tokens == 2
+    assert _metric(f"http://{cluster['prefill']}/metrics", "vllm:prompt_tokens_total") == prefill_before
+    assert _metric(decisions, "llmisvc_pd_decisions_total", 'decision="decode_only"') == decode_only_before + 1

@@ -21,7 +21,7 @@ The gateway (local mode) and the decode-side sidecar (Kubernetes) both use this 
 
 Prefill leg body: `stream: false`, `max_tokens: 1` (and `max_completion_tokens: 1` when the
 client sent it), no `stream_options`, `min_tokens`, `stop`, `stop_token_ids`, `n`,
-`logprobs`/`top_logprobs`, `ignore_eos: true` and `kv_transfer_params: {do_remote_decode:
+`logprobs`/`top_logprobs`/`prompt_logprobs`, `echo`, `ignore_eos: true` and `kv_transfer_params: {do_remote_decode:
 true}`, so the leg always ends on the length cap and returns transfer parameters. Both legs
 carry the same `x-request-id`.
 """
@@ -58,6 +58,7 @@ _PREFILL_DROPPED_FIELDS = (
     "best_of",
     "logprobs",
     "top_logprobs",
+    "prompt_logprobs",
     "echo",
 )
 _FREE_TIMEOUT_SECONDS = 2.0

@@ -353,12 +353,14 @@ class SidecarApp:
         from llmisvc.protocol.errors import BadRequestError, ForbiddenError
 
         from .jsonutil import JSONDecodeError, loads
+        from .pd import scores_prompt
 
         if not self.pool.allows(prefiller):
             logger.warning("rejected prefill address %s: not in the prefill pool", prefiller)
             return _error_response(ForbiddenError(f"prefill host {prefiller} is not in this service's pool"))
+        raw_body = await request.read()
         try:
-            body = loads(await request.read())
+            body = loads(raw_body)
         except JSONDecodeError as exc:
             return _error_response(BadRequestError(f"request body is not valid JSON: {exc}"))
         if not isinstance(body, dict):
@@ -366,6 +368,10 @@ class SidecarApp:
 
         request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
         model = str(body.get("model", ""))
+        if scores_prompt(body):
+            # The decode engine computes a scored prompt itself, so a prefill leg would be wasted.
+            self.pd.count_decode_only(model)
+            return await self._relay(request, "POST", request.path_qs, raw_body, rewriter=None, request_id=request_id)
         outcome = await self.pd.run_prefill(
             request=body,
             path=request.path,
