@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llmisvc.cli.local_commands import _age
-from support import LLMISVC, REPO, free_port, pids_with_env, run_cli, wait_http
+from support import LLMISVC, free_port, pids_with_env, run_cli, wait_http
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,6 @@ and release blocks by the same `kv_transfer_params` and count tokens in `/metric
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 
 import openai

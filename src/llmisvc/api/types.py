@@ -14,13 +14,13 @@ import dataclasses
 import functools
 
 from llmisvc.api.kube_types import (
-    API_GROUP, DNS_LABEL, DNS_SUBDOMAIN, GroupName, HorizontalPodAutoscalerBehavior, HTTPRouteSpec,
+    GroupName, HorizontalPodAutoscalerBehavior, HTTPRouteSpec,
     InferencePoolSpecV1, InferencePoolSpecV1Alpha2, KindName, LocalObjectReference, NamespaceName, ObjectMeta,
     ObjectName, PersistentVolumeClaimSpec, PodSpec, SectionName,
 )
 from llmisvc.api.schema import (
     replace_at,
-    Any, Bool, Int, Int64, Labels, Node, Quantity, Str, Strs, array, obj,
+    Any, Bool, Int, Int64, Labels, Node, Quantity, Str, array, obj,
 )
 
 GROUP = "serving.kserve.io"

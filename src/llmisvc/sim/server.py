@@ -15,7 +15,6 @@ tokens have no model to score them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 from aiohttp import ClientSession, ClientTimeout, web
 
 from llmisvc.protocol import openai
-from llmisvc.protocol.errors import APIError, BadRequestError, NotFoundError, error_body
+from llmisvc.protocol.errors import APIError, BadRequestError, NotFoundError
 from llmisvc.protocol.kv_transfer import KVTransferParams
 from llmisvc.protocol.prompt_text import SIM_CHARS_PER_TOKEN, ChatRenderer, sim_detokenize, sim_token_ids
 from llmisvc.sim.engine import RequestTooLargeError, SimEngine, SimRequest

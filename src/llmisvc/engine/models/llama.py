@@ -361,9 +361,7 @@ class LlamaModel:
         kv: KVCache,
     ) -> torch.Tensor:
         """Write this step's K/V into the slots and return attention output `[tokens, heads * head_dim]`."""
-        config = self.config
-        kv_heads, head_dim = config.num_kv_heads, config.head_dim
-        group = config.num_heads // kv_heads
+        group = self.config.num_heads // self.config.num_kv_heads
         key_buffer, value_buffer = kv.layer(layer)
         outputs = []
 
