@@ -1,7 +1,7 @@
 """The native bfloat16 kernels against PyTorch or float32 references, and their build and fallback rules.
 
-The kernel needs AVX512-BF16 and a C compiler; on machines without them the kernel tests
-skip and the engine runs on PyTorch's kernels, which the rest of the suite covers.
+The kernels need AVX512-BF16 and a C compiler. On machines without them the kernel tests
+skip, and the engine runs on PyTorch's kernels, which the rest of the suite covers.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_pack_pads_rows_to_blocks():
     weight = torch.arange(20 * 4, dtype=torch.float32).reshape(20, 4).bfloat16()
     packed = kernels.NativeKernels.pack_linear_weight(weight)
     assert packed.shape == (2, 2, 16, 2)
-    # Block 0, column pair 1, row 3 holds weight[3, 2:4]; padded rows are zero.
+    # Block 0, column pair 1, row 3 is weight[3, 2:4], and the padded rows are zero.
     assert packed[0, 1, 3].tolist() == weight[3, 2:4].tolist()
     assert packed[1, 0, 4:].abs().sum() == 0
 
