@@ -330,32 +330,17 @@ class ModelRunner:
         prefills: list[PrefillSegment],
     ) -> AttentionBatch:
         if not decode_order:
-            return AttentionBatch(0, None, None, None, None, prefills)
-        device = self.device
-        count = len(decode_order)
-        capacity = self.kv.capacity
-        kv_heads = self.config.num_kv_heads
+            return AttentionBatch(0, None, None, None, prefills)
         slots = [states[i].slot for i in decode_order]
         positions = [inputs[i].start_pos for i in decode_order]
+        count = len(slots)
         consecutive = slots == list(range(slots[0], slots[0] + count))
-
-        # Row of (slot, head, position) in a layer buffer viewed as [-1, head_dim].
-        slot_tensor = torch.tensor(slots, dtype=torch.long, device=device)
-        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
-        heads = torch.arange(kv_heads, device=device)
-        rows = (slot_tensor.unsqueeze(1) * kv_heads + heads) * capacity + position_tensor.unsqueeze(1)
-
-        invalid = torch.arange(capacity, device=device).unsqueeze(0) > position_tensor.unsqueeze(1)
-        mask = torch.zeros((count, capacity), dtype=self.dtype, device=device)
-        mask.masked_fill_(invalid, float("-inf"))
         return AttentionBatch(
             num_decode=count,
-            decode_slots=slot_tensor,
-            decode_rows=rows.reshape(-1),
+            decode_slots=torch.tensor(slots, dtype=torch.long, device=self.device),
+            decode_positions=torch.tensor(positions, dtype=torch.long, device=self.device),
             decode_slot_range=(slots[0], slots[0] + count) if consecutive else None,
-            decode_mask=mask.view(count, 1, 1, capacity),
             prefills=prefills,
-            decode_positions=position_tensor,
         )
 
     def _finish_step(self, entry: StepInput, state: _SequenceState) -> None:

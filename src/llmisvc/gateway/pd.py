@@ -65,7 +65,7 @@ _FREE_TIMEOUT_SECONDS = 2.0
 
 
 def scores_prompt(request: dict[str, Any] | None) -> bool:
-    """Return whether the request asks for prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`).
+    """Return whether the request wants prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`).
 
     Such a request gains nothing from a prefill leg: imported KV carries no logits, so the
     decode engine computes the prompt again to score it.

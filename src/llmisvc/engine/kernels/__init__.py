@@ -154,7 +154,6 @@ class NativeKernels:
             raise ValueError(f"attention kernel rejected {tokens} tokens at start_pos {start_pos} with capacity {capacity} (status {status})")
         return out
 
-
     def add_rms_norm(self, hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """Add `delta` into `hidden` in place (when given) and return RMS-normalised `hidden` times `weight`.
 

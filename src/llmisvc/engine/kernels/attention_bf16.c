@@ -308,7 +308,7 @@ static void attend_task(const Scratch *s, const uint16_t *q, int64_t q_stride, c
 }
 
 /* q: [tokens, heads, dim] with token stride q_stride (elements, even) and heads contiguous;
- * k, v: one slot's [kv_heads, capacity, dim], holding this segment's keys and values at
+ * k, v: one slot's [kv_heads, capacity, dim], containing this segment's keys and values at
  * start_pos .. start_pos + tokens - 1 and the cached prefix before them; out: [tokens,
  * heads * dim], contiguous. Returns ATTENTION_OK, or one of the error codes above, in which
  * case `out` is incomplete. */

@@ -1,16 +1,17 @@
 /* One-token decode attention over contiguous per-sequence KV slots, in bfloat16.
  *
- * For each sequence b: its new key and value rows are written into its slot at
- * positions[b], then every query head attends over keys 0..positions[b] of its KV head
- * (grouped-query attention: query head h reads KV head h / (heads / kv_heads)). Scores,
- * softmax and the weighted sum of values are float32; the output is rounded to bfloat16
- * once. Only the valid positions are read, with no padding to the slot capacity.
+ * The new key and value rows of each sequence b are written into its slot at
+ * positions[b]. Then every query head attends over keys 0..positions[b] of its KV head.
+ * With grouped-query attention, query head h reads KV head h / (heads / kv_heads). Scores,
+ * softmax and the weighted sum of values are float32, and the output is rounded to
+ * bfloat16 once. Only the valid positions are read, with no padding to the slot capacity.
  *
  * Layouts (strides in elements): q [count, heads, head_dim] with row stride q_stride;
  * new k and v [count, kv_heads, head_dim] with row strides k_stride and v_stride; slot
  * buffers [slots, kv_heads, capacity, head_dim] contiguous; out [count, heads * head_dim].
  * Queries are pre-scaled by 1 / sqrt(head_dim). Returns 0, or -1 when head_dim is not a
- * multiple of 32 up to 256 or a scratch allocation fails (the caller then falls back).
+ * multiple of 32 up to 256, a KV head serves more than 16 query heads, or a scratch
+ * allocation fails. The caller then falls back to its own attention.
  */
 #include "vector_math.h"
 

@@ -4,7 +4,7 @@
  * bfloat16 (round to nearest even) once per output.
  *
  * The weight is pre-packed as [ceil(rows / 16)][cols / 2][16][2]: one 64-byte vector
- * holds columns (c, c + 1) of 16 consecutive rows, which is the operand layout of
+ * contains columns (c, c + 1) of 16 consecutive rows, which is the operand layout of
  * VDPBF16PS. A block of 16 rows is then one sequential read, so a one-token decode
  * step streams the weights at close to memory bandwidth, while oneDNN's packed kernel
  * reached about half of it for one row on an AMD EPYC. Rows past `rows` in the last

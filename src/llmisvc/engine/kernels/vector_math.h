@@ -10,8 +10,9 @@ static inline __m512 bf16x16_to_f32(__m256i bits) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-/* e^x for x <= 88, relative error below 2e-7 (degree-6 Taylor polynomial on
-   |r| <= ln(2) / 2 after x = n ln(2) + r). Inputs below -87 return about 1e-38, not 0. */
+/* e^x for x <= 88 by a degree-6 Taylor polynomial on |r| <= ln(2) / 2, after x = n ln(2) + r.
+   The largest relative error measured over [-87, 88] against float64 was 2.3e-7.
+   Inputs below -87 return about 1e-38, not 0. */
 static inline __m512 exp_f32x16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
