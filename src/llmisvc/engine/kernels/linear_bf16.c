@@ -5,10 +5,10 @@
  *
  * The weight is pre-packed as [ceil(rows / 16)][cols / 2][16][2]: one 64-byte vector
  * contains columns (c, c + 1) of 16 consecutive rows, which is the operand layout of
- * VDPBF16PS. A block of 16 rows is then one sequential read, so a one-token decode
- * step streams the weights at close to memory bandwidth, while oneDNN's packed kernel
- * reached about half of it for one row on an AMD EPYC. Rows past `rows` in the last
- * block are zero and never stored. `cols` must be even.
+ * VDPBF16PS. A block of 16 rows is then one sequential read. On a 2-core AMD EPYC a
+ * one-row pass over all SmolLM2-135M weights took 12.2 ms here and 22.1 ms with oneDNN's
+ * packed kernel (the `linear kernels` line of the engine's load log). Rows past `rows`
+ * in the last block are zero and never stored. `cols` must be even.
  */
 #include <immintrin.h>
 #include <stdint.h>

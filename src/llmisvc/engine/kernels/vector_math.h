@@ -11,7 +11,7 @@ static inline __m512 bf16x16_to_f32(__m256i bits) {
 }
 
 /* e^x for x <= 88 by a degree-6 Taylor polynomial on |r| <= ln(2) / 2, after x = n ln(2) + r.
-   The largest relative error measured over [-87, 88] against float64 was 2.3e-7.
+   The native kernel tests check a relative error below 1e-6 on [-87, 0] against float64.
    Inputs below -87 return about 1e-38, not 0. */
 static inline __m512 exp_f32x16(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
